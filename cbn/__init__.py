@@ -1,0 +1,19 @@
+"""cbn: batch normalization for NumPy arrays, fast and accurate.
+
+The normalization of Ioffe & Szegedy (2015) and its gradient, as OpenMP
+kernels.  ``cbn.reference`` holds the same functions in plain NumPy.
+"""
+from . import reference
+from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
+from ._config import show_config
+from ._version import __version__
+
+__all__ = [
+    "batch_norm",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_stats",
+    "reference",
+    "show_config",
+    "__version__",
+]

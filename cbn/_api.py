@@ -1,0 +1,426 @@
+"""cbn's public functions: argument checks here, arithmetic in ``_kernels``."""
+import numpy as np
+
+from . import _args, _kernels
+from ._layout import empty_like_layout, plan
+
+_EXAMPLE_SETUP = """
+    >>> import numpy as np, cbn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, size=(8, 4, 5, 5)).astype(np.float32)"""
+
+
+# --------------------------------------------------------------------------
+# Shared steps
+
+
+def _bulk_input(value, name):
+    """A bulk input as an ndarray the kernels can read (native, aligned)."""
+    arr = _args.as_real_array(value, name)
+    if not (arr.dtype.isnative and arr.flags.aligned):
+        arr = arr.astype(arr.dtype.newbyteorder("="), order="K")
+    return arr
+
+
+def _as_compute(arr, dtype):
+    """``arr`` in the kernels' dtype; a copy only when the dtype differs."""
+    return arr if arr.dtype == dtype else arr.astype(dtype, order="K")
+
+
+def _same_view(a, b):
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+        and a.dtype == b.dtype
+    )
+
+
+def _bulk_target(out, like, dtype, inputs):
+    """Where a kernel writes a bulk result: ``out`` itself when it can.
+
+    ``out`` is used directly when it has the kernels' dtype, is native and
+    aligned, and is either disjoint from every input or the very same view
+    as one (in place: element i is read before element i is written).
+    Otherwise the result goes through a temporary copied into ``out``.
+    """
+    if out is not None and out.dtype == dtype and out.dtype.isnative and out.flags.aligned:
+        if all(_same_view(out, a) or not np.may_share_memory(out, a) for a in inputs):
+            return out
+    return empty_like_layout(like, dtype)
+
+
+def _deliver(result, out, dtype):
+    """Return ``result`` as ``dtype``, written into ``out`` when given."""
+    if out is None:
+        return result if result.dtype == dtype else result.astype(dtype)
+    if result is not out:
+        np.copyto(out, result, casting="same_kind")
+    return out
+
+
+def _per_channel_zeros(layout):
+    return np.zeros(layout.channel_grid)
+
+
+def _channel_stats(x, axes, cshape, count):
+    """Per-channel float64 mean and biased variance (corrected two-pass)."""
+    if x.size == 0:
+        return np.full(cshape, np.nan), np.full(cshape, np.nan)
+    layout = plan([x], axes)
+    total = _per_channel_zeros(layout)
+    for c, (xb,) in layout.blocks():
+        _kernels.channel_sums(xb, total[c])
+    mean = total / count
+    dev = _per_channel_zeros(layout)
+    sq = _per_channel_zeros(layout)
+    for c, (xb,) in layout.blocks():
+        _kernels.channel_deviations(xb, mean[c], dev[c], sq[c])
+    var = np.maximum((sq - dev * dev / count) / count, 0.0)
+    return mean.reshape(cshape), var.reshape(cshape)
+
+
+def _normalize(x, y, axes, mean, scale, shift):
+    """y = (x - mean) * scale + shift with per-channel float64 parameters."""
+    if x.size == 0:
+        return
+    layout = plan([x, y], axes)
+    grid = layout.channel_grid
+    mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
+    for c, (xb, yb) in layout.blocks():
+        _kernels.normalize(xb, yb, mean[c], scale[c], shift[c])
+
+
+def _invstd(var, eps):
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def _training_count(shape, axes):
+    count = _args.values_per_channel(shape, axes)
+    if count <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {shape}")
+    return count
+
+
+def _running_stats(running_mean, running_var, cshape, training):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is None:
+        if not training:
+            raise ValueError("running_mean and running_var are required when training=False")
+        return None, None
+    if training:
+        return (
+            _args.running_stat(running_mean, "running_mean", cshape),
+            _args.running_stat(running_var, "running_var", cshape),
+        )
+    return (
+        _args.per_channel(running_mean, "running_mean", cshape),
+        _args.per_channel(running_var, "running_var", cshape),
+    )
+
+
+def _update_running(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update: r = (1 - momentum) r + momentum b, variance unbiased."""
+    unbiased = var * (count / (count - 1))
+    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+
+
+def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs):
+    """Checks and computes the training forward; returns (y, mean, invstd).
+
+    ``outs`` holds the ``out=`` entries for (y, mean, invstd) and their names.
+    """
+    x = _bulk_input(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    count = _training_count(x.shape, axes)
+    gamma = None if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = None if beta is None else _args.per_channel(beta, "beta", cshape)
+    running_mean, running_var = _running_stats(running_mean, running_var, cshape, training=True)
+    momentum = _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    work = _args.compute_dtype(result)
+    (out_y, out_mean, out_invstd), names = outs
+    _args.check_out(out_y, names[0], x.shape, result)
+    if out_mean is not None or out_invstd is not None:
+        _args.check_out(out_mean, names[1], cshape, work)
+        _args.check_out(out_invstd, names[2], cshape, work)
+
+    xc = _as_compute(x, work)
+    mean, var = _channel_stats(xc, axes, cshape, count)
+    invstd = _invstd(var, eps)
+    scale = invstd if gamma is None else invstd * gamma
+    shift = np.zeros(cshape) if beta is None else beta
+    y = _bulk_target(out_y, xc, work, [xc])
+    _normalize(xc, y, axes, mean, scale, shift)
+    if running_mean is not None:
+        _update_running(running_mean, running_var, mean, var, count, momentum)
+    return (
+        _deliver(y, out_y, result),
+        _deliver(mean, out_mean, work),
+        _deliver(invstd, out_invstd, work),
+    )
+
+
+# --------------------------------------------------------------------------
+# Public functions
+
+
+def batch_norm(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    channel_axis=1,
+    out=None,
+):
+    """Batch normalization, ``y = gamma * (x - mean) / sqrt(var + eps) + beta``.
+
+    Parameters
+    ----------
+    x : array_like
+        Input, at least 2-D when training.  float16 is computed in float32
+        and returned as float16; integers and bools give float64.
+    gamma, beta : array_like, optional
+        Per-channel scale and shift, of shape ``tuple(x.shape[a] for a in
+        channel_axis)``.  Default: 1 and 0.
+    running_mean, running_var : ndarray, optional
+        Running estimates.  When training they are updated in place as
+        PyTorch does: ``r = (1 - momentum) * r + momentum * batch_stat``,
+        with the unbiased batch variance.  Required when ``training=False``.
+    training : bool, default True
+        Normalize with the batch statistics (True) or the running ones.
+    momentum : float, default 0.1
+        Weight of the batch statistics in the running update, in [0, 1].
+    eps : float, default 1e-5
+        Added to the variance before the square root; finite and >= 0.
+    channel_axis : int or tuple of ints, default 1
+        The channel axis or axes; statistics reduce over all other axes.
+    out : ndarray or 1-tuple of ndarray, optional
+        Where to write y (same shape as x; ``out=x`` works in place).
+
+    Returns
+    -------
+    y : ndarray
+        The normalized array, same shape as x.
+
+    Raises
+    ------
+    ValueError
+        Training with one value per channel, bad shapes or axes, bad scalars.
+    TypeError
+        Complex, object or string inputs; an ``out`` that cannot hold y.
+
+    Examples
+    --------{setup}
+    >>> y = cbn.batch_norm(x)
+    >>> bool(np.allclose(y.mean(axis=(0, 2, 3)), 0, atol=1e-5))
+    True
+    >>> rm, rv = np.zeros(4, np.float32), np.ones(4, np.float32)
+    >>> y = cbn.batch_norm(x, running_mean=rm, running_var=rv)  # updates rm, rv
+    >>> y_eval = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
+    """
+    (out_y,) = _args.outputs(out, ("out",), "batch_norm")
+    if training:
+        y, _, _ = _train_forward(
+            x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, ((out_y, None, None), ("out",))
+        )
+        return y
+
+    x = _bulk_input(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    gamma = None if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = None if beta is None else _args.per_channel(beta, "beta", cshape)
+    mean, var = _running_stats(running_mean, running_var, cshape, training=False)
+    _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    _args.check_out(out_y, "out", x.shape, result)
+
+    work = _args.compute_dtype(result)
+    xc = _as_compute(x, work)
+    invstd = _invstd(var, eps)
+    scale = invstd if gamma is None else invstd * gamma
+    shift = np.zeros(cshape) if beta is None else beta
+    y = _bulk_target(out_y, xc, work, [xc])
+    _normalize(xc, y, axes, mean, scale, shift)
+    return _deliver(y, out_y, result)
+
+
+def batch_norm_forward(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    eps=1e-5,
+    channel_axis=1,
+    out=None,
+):
+    """Training forward that also returns what :func:`batch_norm_backward` needs.
+
+    Parameters
+    ----------
+    x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis
+        As for :func:`batch_norm` with ``training=True``.
+    out : tuple of 3 ndarrays or None, optional
+        Where to write (y, mean, invstd); entries may be None.  Statistics
+        are computed in float64: float64 ``out`` arrays for mean and invstd
+        keep all of it.
+
+    Returns
+    -------
+    y : ndarray
+        Normalized x.
+    mean, invstd : ndarray
+        Batch mean and ``1 / sqrt(var + eps)`` (biased variance), one per
+        channel, float32 for float16/float32 input, float64 otherwise.
+
+    Examples
+    --------{setup}
+    >>> y, mean, invstd = cbn.batch_norm_forward(x)
+    >>> mean.shape, invstd.dtype
+    ((4,), dtype('float32'))
+    """
+    names = ("y", "mean", "invstd")
+    outs = _args.outputs(out, names, "batch_norm_forward")
+    return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, names))
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
+    """Gradient of the training-mode batch norm with respect to x, gamma and beta.
+
+    With ``xhat = (x - mean) * invstd`` and m values per channel::
+
+        dbeta  = sum(dy)
+        dgamma = sum(dy * xhat)
+        dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+
+    Parameters
+    ----------
+    dy : array_like
+        Gradient of the loss with respect to y, same shape as x.
+    x : array_like
+        The forward's input.
+    mean, invstd : array_like
+        Per-channel values returned by :func:`batch_norm_forward`.
+    gamma : array_like, optional
+        The forward's scale (default 1).
+    channel_axis : int or tuple of ints, default 1
+        As in the forward.
+    out : tuple of 3 ndarrays or None, optional
+        Where to write (dx, dgamma, dbeta); entries may be None.  ``dx`` may
+        be ``dy`` or ``x`` itself (in place).
+
+    Returns
+    -------
+    dx : ndarray
+        Same shape as x, dtype of dy and x combined (float16 stays float16).
+    dgamma, dbeta : ndarray
+        One per channel, float32 for float16/float32 input, float64 otherwise.
+
+    Examples
+    --------{setup}
+    >>> y, mean, invstd = cbn.batch_norm_forward(x)
+    >>> dx, dgamma, dbeta = cbn.batch_norm_backward(np.ones_like(y), x, mean, invstd)
+    >>> bool(np.allclose(dx, 0, atol=1e-5))  # a constant gradient is absorbed by the mean
+    True
+    """
+    out_dx, out_dgamma, out_dbeta = _args.outputs(out, ("dx", "dgamma", "dbeta"), "batch_norm_backward")
+    dy = _bulk_input(dy, "dy")
+    x = _bulk_input(x, "x")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    count = _args.values_per_channel(x.shape, axes)
+    mean = _args.per_channel(mean, "mean", cshape)
+    invstd = _args.per_channel(invstd, "invstd", cshape)
+    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    result = _args.result_dtype(dy, x)
+    work = _args.compute_dtype(result)
+    _args.check_out(out_dx, "dx", x.shape, result)
+    _args.check_out(out_dgamma, "dgamma", cshape, work)
+    _args.check_out(out_dbeta, "dbeta", cshape, work)
+
+    dyc = _as_compute(dy, work)
+    xc = _as_compute(x, work)
+    sum_dy = np.zeros(cshape)
+    sum_dy_xmu = np.zeros(cshape)
+    dx = _bulk_target(out_dx, xc, work, [dyc, xc])
+    if x.size:
+        layout = plan([dyc, xc, dx], axes)
+        grid = layout.channel_grid
+        mean_g, sum_dy_g, sum_dy_xmu_g = (a.reshape(grid) for a in (mean, sum_dy, sum_dy_xmu))
+        for c, (dyb, xb, _) in layout.blocks():
+            _kernels.backward_reduce(dyb, xb, mean_g[c], sum_dy_g[c], sum_dy_xmu_g[c])
+        k_dy = gamma * invstd
+        k_xmu = k_dy * invstd * invstd * sum_dy_xmu / count
+        k_const = k_dy * sum_dy / count
+        k_dy, k_xmu, k_const = (a.reshape(grid) for a in (k_dy, k_xmu, k_const))
+        for c, (dyb, xb, dxb) in layout.blocks():
+            _kernels.backward_elemt(dyb, xb, dxb, mean_g[c], k_dy[c], k_xmu[c], k_const[c])
+    dgamma = sum_dy_xmu * invstd
+    return (
+        _deliver(dx, out_dx, result),
+        _deliver(dgamma, out_dgamma, work),
+        _deliver(sum_dy, out_dbeta, work),
+    )
+
+
+def batch_stats(x, *, channel_axis=1):
+    """Per-channel mean and biased variance over all axes but the channel axes.
+
+    Accumulated in float64 from deviations (two-pass), whatever x's dtype.
+
+    Parameters
+    ----------
+    x : array_like
+        Input with at least one value per channel.
+    channel_axis : int or tuple of ints, default 1
+        The channel axis or axes.
+
+    Returns
+    -------
+    mean, var : ndarray
+        Shape ``tuple(x.shape[a] for a in channel_axis)``; float32 for
+        float16/float32 input, float64 otherwise.
+
+    Examples
+    --------{setup}
+    >>> mean, var = cbn.batch_stats(x)
+    >>> bool(np.allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-5))
+    True
+    """
+    x = _bulk_input(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    count = _args.values_per_channel(x.shape, axes)
+    if count == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    work = _args.compute_dtype(_args.result_dtype(x))
+    mean, var = _channel_stats(_as_compute(x, work), axes, cshape, count)
+    return mean.astype(work), var.astype(work)
+
+
+for _f in (batch_norm, batch_norm_forward, batch_norm_backward, batch_stats):
+    _f.__doc__ = _f.__doc__.replace("{setup}", _EXAMPLE_SETUP)
+del _f

@@ -1,0 +1,143 @@
+"""Argument checking and dtype rules shared by cbn and cbn.reference.
+
+Everything here runs before any computation, so a bad call raises without
+touching caller data.  Errors name the argument at fault.
+"""
+import math
+import operator
+
+import numpy as np
+
+_UNSUPPORTED_KINDS = {
+    "c": "complex",
+    "O": "object",
+    "U": "string",
+    "S": "bytes",
+    "V": "structured/void",
+    "M": "datetime",
+    "m": "timedelta",
+}
+
+
+def as_real_array(value, name):
+    """``np.asarray(value)``, rejecting dtypes that are not real numbers."""
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError) as exc:  # ragged lists and the like
+        raise TypeError(f"{name} could not be converted to an array of numbers: {exc}") from None
+    kind = arr.dtype.kind
+    if kind in _UNSUPPORTED_KINDS:
+        raise TypeError(f"{name} has {_UNSUPPORTED_KINDS[kind]} dtype {arr.dtype}; cbn needs real numbers")
+    if kind == "f" and arr.dtype.itemsize > 8:
+        raise TypeError(f"{name} has dtype {arr.dtype}; cbn supports float16, float32 and float64")
+    return arr
+
+
+def result_dtype(*arrays):
+    """dtype of the bulk result, as for ``np.true_divide``.
+
+    float16, float32 and float64 stay themselves (the widest of the inputs);
+    bool and integer inputs give float64.
+    """
+    dtype = np.result_type(*arrays)
+    return np.dtype(np.float64) if dtype.kind in "biu" else dtype
+
+
+def compute_dtype(result):
+    """dtype the kernels run in: float16 computes in float32."""
+    return np.dtype(np.float32) if result == np.float16 else result
+
+
+def channel_axes(channel_axis, ndim):
+    """Normalize ``channel_axis`` (int or tuple of ints) to non-negative ints."""
+    axes = channel_axis if isinstance(channel_axis, tuple) else (channel_axis,)
+    if not axes:
+        raise ValueError("channel_axis must name at least one axis")
+    normalized = []
+    for axis in axes:
+        try:
+            axis = operator.index(axis)
+        except TypeError:
+            raise TypeError(f"channel_axis must be an int or a tuple of ints, got {channel_axis!r}") from None
+        if not -ndim <= axis < ndim:
+            raise ValueError(f"channel_axis {axis} is out of bounds for an input with {ndim} dimensions")
+        normalized.append(axis % ndim)
+    if len(set(normalized)) != len(normalized):
+        raise ValueError(f"channel_axis {channel_axis!r} repeats an axis")
+    return tuple(normalized)
+
+
+def channel_shape(shape, axes):
+    return tuple(shape[a] for a in axes)
+
+
+def values_per_channel(shape, axes):
+    """How many values share each channel (product of the reduced extents)."""
+    return math.prod(n for i, n in enumerate(shape) if i not in axes)
+
+
+def per_channel(value, name, cshape):
+    """A per-channel argument as a C-contiguous float64 array of shape ``cshape``."""
+    arr = as_real_array(value, name)
+    if arr.shape != cshape:
+        raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {arr.shape}")
+    return np.ascontiguousarray(arr, dtype=np.float64)
+
+
+def running_stat(value, name, cshape):
+    """A running statistic updated in place: a writeable float ndarray."""
+    if not isinstance(value, np.ndarray):
+        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+    if value.dtype.kind != "f" or value.dtype.itemsize > 8:
+        raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {value.dtype}")
+    if value.shape != cshape:
+        raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
+    if not value.flags.writeable:
+        raise ValueError(f"{name} is read-only; it is updated in place in training")
+    return value
+
+
+def scalar(value, name, low, high):
+    """A real scalar within [low, high]."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not (math.isfinite(number) and low <= number <= high):
+        raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
+    return number
+
+
+def outputs(out, names, func):
+    """Split ``out=`` into one entry (None or ndarray) per output, ufunc-style.
+
+    One output: an array, or a 1-tuple.  Several outputs: a tuple with one
+    entry per output, entries may be None.
+    """
+    n = len(names)
+    if out is None:
+        return (None,) * n
+    if isinstance(out, tuple):
+        if len(out) != n:
+            raise ValueError(f"{func}: out must have {n} entries ({', '.join(names)}), got {len(out)}")
+    elif n == 1:
+        out = (out,)
+    else:
+        raise TypeError(f"{func}: out must be a tuple of {n} arrays or None ({', '.join(names)})")
+    for entry, name in zip(out, names):
+        if entry is not None and not isinstance(entry, np.ndarray):
+            raise TypeError(f"{func}: out for {name} must be a numpy.ndarray or None, got {type(entry).__name__}")
+    return out
+
+
+def check_out(arr, name, shape, dtype):
+    """An ``out=`` array must match in shape, be writeable, and accept ``dtype``."""
+    if arr is None:
+        return None
+    if arr.shape != shape:
+        raise ValueError(f"out for {name} must have shape {shape}, got {arr.shape}")
+    if not np.can_cast(dtype, arr.dtype, casting="same_kind"):
+        raise TypeError(f"out for {name} has dtype {arr.dtype}, which cannot hold the {dtype} result")
+    if not arr.flags.writeable:
+        raise ValueError(f"out for {name} is read-only")
+    return arr

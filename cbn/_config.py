@@ -1,0 +1,64 @@
+"""Build and runtime configuration, as printed by ``python -m cbn info``."""
+import importlib.util
+import platform
+import sys
+
+import numpy as np
+
+from . import _kernels
+from ._version import __version__
+
+# _OPENMP macro value (yyyymm of the specification) -> OpenMP version.
+_OPENMP_SPECS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201511: "4.5", 201811: "5.0",
+                 202011: "5.1", 202111: "5.2", 202411: "6.0"}
+
+
+def _gpu_status():
+    if importlib.util.find_spec("cupy") is None:
+        return "unavailable (CuPy is not installed; cbn's GPU path needs it)"
+    return "unavailable (this cbn version has no GPU kernels yet)"
+
+
+def _config():
+    spec, library = _kernels.openmp_info()
+    return {
+        "cbn": __version__,
+        "openmp": bool(spec),
+        "openmp_version": _OPENMP_SPECS.get(spec, str(spec)) if spec else None,
+        "openmp_runtime": library if spec else None,
+        "threads": _kernels.max_threads(),
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+        "platform": f"{sys.platform}-{platform.machine()}",
+        "gpu": _gpu_status(),
+    }
+
+
+def show_config(mode="stdout"):
+    """Print (``mode="stdout"``) or return (``mode="dicts"``) cbn's configuration.
+
+    Reports the version, whether the kernels were built with OpenMP and which
+    runtime they use, the default thread count (``OMP_NUM_THREADS``,
+    threadpoolctl), NumPy's version, and whether the GPU path is available.
+
+    Examples
+    --------
+    >>> import cbn
+    >>> cbn.show_config(mode="dicts")["cbn"] == cbn.__version__
+    True
+    """
+    config = _config()
+    if mode == "dicts":
+        return config
+    if mode != "stdout":
+        raise ValueError(f"mode must be 'stdout' or 'dicts', got {mode!r}")
+    if config["openmp"]:
+        openmp = f"on (OpenMP {config['openmp_version']}, runtime {config['openmp_runtime']})"
+    else:
+        openmp = "off (kernels run on one thread)"
+    print(f"cbn {config['cbn']}")
+    print(f"  OpenMP:          {openmp}")
+    print(f"  default threads: {config['threads']}")
+    print(f"  NumPy:           {config['numpy']}")
+    print(f"  Python:          {config['python']} ({config['platform']})")
+    print(f"  GPU path:        {config['gpu']}")

@@ -1,0 +1,182 @@
+"""The executable specification: cbn's four functions in plain NumPy.
+
+Same signatures, argument rules and result dtypes as the compiled functions
+(the checks are shared, from ``cbn._args``); the arithmetic is written out
+independently, in float64, as in Ioffe & Szegedy (2015).  The tests hold the
+compiled kernels to these results.  Slow and memory-hungry on purpose: it
+favours being obviously right.
+"""
+import numpy as np
+
+from . import _args
+
+__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats"]
+
+
+def _channels_last(x, axes):
+    """float64 copy of x with the channel axes moved to the end, in the given order."""
+    n = len(axes)
+    return np.moveaxis(np.asarray(x, dtype=np.float64), axes, tuple(range(-n, 0)))
+
+
+def _channels_back(t, axes):
+    n = len(axes)
+    return np.moveaxis(t, tuple(range(-n, 0)), axes)
+
+
+def _reduced_axes(t, axes):
+    return tuple(range(t.ndim - len(axes)))
+
+
+def _write(value, out, dtype):
+    value = value.astype(dtype)
+    if out is None:
+        return value
+    np.copyto(out, value, casting="same_kind")
+    return out
+
+
+def _stats64(t, axes):
+    red = _reduced_axes(t, axes)
+    mean = t.mean(axis=red)
+    var = ((t - mean) ** 2).mean(axis=red)
+    return mean, var
+
+
+def batch_stats(x, *, channel_axis=1):
+    """Per-channel mean and biased variance (see :func:`cbn.batch_stats`)."""
+    x = _args.as_real_array(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    if _args.values_per_channel(x.shape, axes) == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    work = _args.compute_dtype(_args.result_dtype(x))
+    mean, var = _stats64(_channels_last(x, axes), axes)
+    return mean.astype(work), var.astype(work)
+
+
+def batch_norm_forward(
+    x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-5, channel_axis=1, out=None
+):
+    """Training forward returning (y, mean, invstd) (see :func:`cbn.batch_norm_forward`)."""
+    out_y, out_mean, out_invstd = _args.outputs(out, ("y", "mean", "invstd"), "batch_norm_forward")
+    x = _args.as_real_array(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    m = _args.values_per_channel(x.shape, axes)
+    if m <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {x.shape}")
+    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None:
+        _args.running_stat(running_mean, "running_mean", cshape)
+        _args.running_stat(running_var, "running_var", cshape)
+    momentum = _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    work = _args.compute_dtype(result)
+    for arr, name, shape in ((out_y, "y", x.shape), (out_mean, "mean", cshape), (out_invstd, "invstd", cshape)):
+        _args.check_out(arr, name, shape, result if name == "y" else work)
+
+    t = _channels_last(x, axes)
+    mean, var = _stats64(t, axes)
+    invstd = 1.0 / np.sqrt(var + eps)
+    y = gamma * (t - mean) * invstd + beta
+    if running_mean is not None:
+        unbiased = var * m / (m - 1)
+        running_mean[...] = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
+        running_var[...] = (1 - momentum) * running_var.astype(np.float64) + momentum * unbiased
+    return (
+        _write(_channels_back(y, axes), out_y, result),
+        _write(mean, out_mean, work),
+        _write(invstd, out_invstd, work),
+    )
+
+
+def batch_norm(
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    training=True,
+    momentum=0.1,
+    eps=1e-5,
+    channel_axis=1,
+    out=None,
+):
+    """Batch normalization (see :func:`cbn.batch_norm`)."""
+    (out_y,) = _args.outputs(out, ("out",), "batch_norm")
+    if training:
+        y, _, _ = batch_norm_forward(
+            x,
+            gamma,
+            beta,
+            running_mean=running_mean,
+            running_var=running_var,
+            momentum=momentum,
+            eps=eps,
+            channel_axis=channel_axis,
+            out=(out_y, None, None),
+        )
+        return y
+    x = _args.as_real_array(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required when training=False")
+    mean = _args.per_channel(running_mean, "running_mean", cshape)
+    var = _args.per_channel(running_var, "running_var", cshape)
+    _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    _args.check_out(out_y, "out", x.shape, result)
+
+    t = _channels_last(x, axes)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        y = gamma * (t - mean) / np.sqrt(var + eps) + beta
+    return _write(_channels_back(y, axes), out_y, result)
+
+
+def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
+    """Gradient of the training forward (see :func:`cbn.batch_norm_backward`)."""
+    out_dx, out_dgamma, out_dbeta = _args.outputs(out, ("dx", "dgamma", "dbeta"), "batch_norm_backward")
+    dy = _args.as_real_array(dy, "dy")
+    x = _args.as_real_array(x, "x")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    m = _args.values_per_channel(x.shape, axes)
+    mean = _args.per_channel(mean, "mean", cshape)
+    invstd = _args.per_channel(invstd, "invstd", cshape)
+    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    result = _args.result_dtype(dy, x)
+    work = _args.compute_dtype(result)
+    _args.check_out(out_dx, "dx", x.shape, result)
+    _args.check_out(out_dgamma, "dgamma", cshape, work)
+    _args.check_out(out_dbeta, "dbeta", cshape, work)
+
+    g = _channels_last(dy, axes)
+    xhat = (_channels_last(x, axes) - mean) * invstd
+    red = _reduced_axes(g, axes)
+    dbeta = g.sum(axis=red)
+    dgamma = (g * xhat).sum(axis=red)
+    dx = gamma * invstd / m * (m * g - dbeta - xhat * dgamma) if m else g
+    return (
+        _write(_channels_back(dx, axes), out_dx, result),
+        _write(dgamma, out_dgamma, work),
+        _write(dbeta, out_dbeta, work),
+    )
