@@ -129,7 +129,7 @@ def _update_running(running_mean, running_var, mean, var, count, momentum):
 def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs):
     """Checks and computes the training forward; returns (y, mean, invstd).
 
-    ``outs`` holds the ``out=`` entries for (y, mean, invstd) and their names.
+    ``outs`` holds the ``out=`` entries for (y, mean, invstd) and their labels.
     """
     x = _bulk_input(x, "x")
     if x.ndim < 2:
@@ -144,11 +144,10 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)
     work = _args.compute_dtype(result)
-    (out_y, out_mean, out_invstd), names = outs
-    _args.check_out(out_y, names[0], x.shape, result)
-    if out_mean is not None or out_invstd is not None:
-        _args.check_out(out_mean, names[1], cshape, work)
-        _args.check_out(out_invstd, names[2], cshape, work)
+    (out_y, out_mean, out_invstd), labels = outs
+    _args.check_out(out_y, labels[0], x.shape, result)
+    _args.check_out(out_mean, labels[1], cshape, work)
+    _args.check_out(out_invstd, labels[2], cshape, work)
 
     xc = _as_compute(x, work)
     mean, var = _channel_stats(xc, axes, cshape, count)
@@ -232,7 +231,7 @@ def batch_norm(
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
     if training:
         y, _, _ = _train_forward(
-            x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, ((out_y, None, None), ("out",))
+            x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, ((out_y, None, None), ("out", None, None))
         )
         return y
 
@@ -298,7 +297,8 @@ def batch_norm_forward(
     """
     names = ("y", "mean", "invstd")
     outs = _args.outputs(out, names, "batch_norm_forward")
-    return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, names))
+    labels = _args.out_labels(names)
+    return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, labels))
 
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
@@ -340,7 +340,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     >>> bool(np.allclose(dx, 0, atol=1e-5))  # a constant gradient is absorbed by the mean
     True
     """
-    out_dx, out_dgamma, out_dbeta = _args.outputs(out, ("dx", "dgamma", "dbeta"), "batch_norm_backward")
+    names = ("dx", "dgamma", "dbeta")
+    out_dx, out_dgamma, out_dbeta = _args.outputs(out, names, "batch_norm_backward")
+    labels = _args.out_labels(names)
     dy = _bulk_input(dy, "dy")
     x = _bulk_input(x, "x")
     if dy.shape != x.shape:
@@ -355,9 +357,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     result = _args.result_dtype(dy, x)
     work = _args.compute_dtype(result)
-    _args.check_out(out_dx, "dx", x.shape, result)
-    _args.check_out(out_dgamma, "dgamma", cshape, work)
-    _args.check_out(out_dbeta, "dbeta", cshape, work)
+    _args.check_out(out_dx, labels[0], x.shape, result)
+    _args.check_out(out_dgamma, labels[1], cshape, work)
+    _args.check_out(out_dbeta, labels[2], cshape, work)
 
     dyc = _as_compute(dy, work)
     xc = _as_compute(x, work)

@@ -124,20 +124,27 @@ def outputs(out, names, func):
         out = (out,)
     else:
         raise TypeError(f"{func}: out must be a tuple of {n} arrays or None ({', '.join(names)})")
-    for entry, name in zip(out, names):
+    for entry, label in zip(out, out_labels(names)):
         if entry is not None and not isinstance(entry, np.ndarray):
-            raise TypeError(f"{func}: out for {name} must be a numpy.ndarray or None, got {type(entry).__name__}")
+            raise TypeError(f"{func}: {label} must be a numpy.ndarray or None, got {type(entry).__name__}")
     return out
 
 
-def check_out(arr, name, shape, dtype):
+def out_labels(names):
+    """How errors name each ``out=`` entry: ``out``, or ``out[1] (mean)``."""
+    if len(names) == 1:
+        return ("out",)
+    return tuple(f"out[{i}] ({name})" for i, name in enumerate(names))
+
+
+def check_out(arr, label, shape, dtype):
     """An ``out=`` array must match in shape, be writeable, and accept ``dtype``."""
     if arr is None:
         return None
     if arr.shape != shape:
-        raise ValueError(f"out for {name} must have shape {shape}, got {arr.shape}")
+        raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
     if not np.can_cast(dtype, arr.dtype, casting="same_kind"):
-        raise TypeError(f"out for {name} has dtype {arr.dtype}, which cannot hold the {dtype} result")
+        raise TypeError(f"{label} has dtype {arr.dtype}, which cannot hold the {dtype} result")
     if not arr.flags.writeable:
-        raise ValueError(f"out for {name} is read-only")
+        raise ValueError(f"{label} is read-only")
     return arr

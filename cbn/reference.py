@@ -60,7 +60,13 @@ def batch_norm_forward(
     x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-5, channel_axis=1, out=None
 ):
     """Training forward returning (y, mean, invstd) (see :func:`cbn.batch_norm_forward`)."""
-    out_y, out_mean, out_invstd = _args.outputs(out, ("y", "mean", "invstd"), "batch_norm_forward")
+    names = ("y", "mean", "invstd")
+    outs = _args.outputs(out, names, "batch_norm_forward")
+    return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, _args.out_labels(names))
+
+
+def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels):
+    out_y, out_mean, out_invstd = outs
     x = _args.as_real_array(x, "x")
     if x.ndim < 2:
         raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
@@ -80,8 +86,9 @@ def batch_norm_forward(
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)
     work = _args.compute_dtype(result)
-    for arr, name, shape in ((out_y, "y", x.shape), (out_mean, "mean", cshape), (out_invstd, "invstd", cshape)):
-        _args.check_out(arr, name, shape, result if name == "y" else work)
+    _args.check_out(out_y, labels[0], x.shape, result)
+    _args.check_out(out_mean, labels[1], cshape, work)
+    _args.check_out(out_invstd, labels[2], cshape, work)
 
     t = _channels_last(x, axes)
     mean, var = _stats64(t, axes)
@@ -114,18 +121,9 @@ def batch_norm(
     """Batch normalization (see :func:`cbn.batch_norm`)."""
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
     if training:
-        y, _, _ = batch_norm_forward(
-            x,
-            gamma,
-            beta,
-            running_mean=running_mean,
-            running_var=running_var,
-            momentum=momentum,
-            eps=eps,
-            channel_axis=channel_axis,
-            out=(out_y, None, None),
-        )
-        return y
+        outs = (out_y, None, None)
+        labels = ("out", None, None)
+        return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels)[0]
     x = _args.as_real_array(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")
@@ -150,7 +148,9 @@ def batch_norm(
 
 def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
     """Gradient of the training forward (see :func:`cbn.batch_norm_backward`)."""
-    out_dx, out_dgamma, out_dbeta = _args.outputs(out, ("dx", "dgamma", "dbeta"), "batch_norm_backward")
+    names = ("dx", "dgamma", "dbeta")
+    out_dx, out_dgamma, out_dbeta = _args.outputs(out, names, "batch_norm_backward")
+    labels = _args.out_labels(names)
     dy = _args.as_real_array(dy, "dy")
     x = _args.as_real_array(x, "x")
     if dy.shape != x.shape:
@@ -165,9 +165,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     result = _args.result_dtype(dy, x)
     work = _args.compute_dtype(result)
-    _args.check_out(out_dx, "dx", x.shape, result)
-    _args.check_out(out_dgamma, "dgamma", cshape, work)
-    _args.check_out(out_dbeta, "dbeta", cshape, work)
+    _args.check_out(out_dx, labels[0], x.shape, result)
+    _args.check_out(out_dgamma, labels[1], cshape, work)
+    _args.check_out(out_dbeta, labels[2], cshape, work)
 
     g = _channels_last(dy, axes)
     xhat = (_channels_last(x, axes) - mean) * invstd

@@ -1,0 +1,52 @@
+"""Test helpers: array layouts, random data and tolerances."""
+import numpy as np
+
+# Absolute tolerance per result dtype, for values of order 1.
+TOLERANCE = {np.float16: 4e-3, np.float32: 3e-6, np.float64: 1e-12}
+
+LAYOUTS = ["C", "F", "strided", "negative", "transposed", "broadcast"]
+
+
+def tolerance(dtype):
+    return TOLERANCE[np.dtype(dtype).type]
+
+
+def make_layout(base, layout):
+    """An array equal to ``base`` (same shape and values) with another memory layout."""
+    if layout == "C":
+        return np.ascontiguousarray(base)
+    if layout == "F":
+        return np.asfortranarray(base)
+    if layout == "strided":
+        big = np.zeros(tuple(2 * n for n in base.shape), dtype=base.dtype)
+        view = big[tuple(slice(None, None, 2) for _ in base.shape)]
+        view[...] = base
+        return view
+    if layout == "negative":
+        flipped = np.ascontiguousarray(base[tuple(slice(None, None, -1) for _ in base.shape)])
+        return flipped[tuple(slice(None, None, -1) for _ in base.shape)]
+    if layout == "transposed":
+        order = tuple(range(base.ndim))[::-1]
+        return np.ascontiguousarray(base.transpose(order)).transpose(order)
+    if layout == "broadcast":
+        # zero stride along axis 0: every batch entry is the first one
+        return np.broadcast_to(base[:1], base.shape)
+    raise ValueError(layout)
+
+
+def random_array(rng, shape, dtype, offset=0.0, scale=1.0):
+    dtype = np.dtype(dtype)
+    if dtype.kind == "b":
+        return rng.random(shape) < 0.4
+    if dtype.kind in "iu":
+        return rng.integers(-20, 20, size=shape).astype(dtype)
+    return (offset + scale * rng.standard_normal(shape)).astype(dtype)
+
+
+def assert_close(actual, expected, dtype, scale=1.0):
+    """Equal up to the rounding of ``dtype`` on values of magnitude ``scale``."""
+    actual = np.asarray(actual)
+    expected = np.asarray(expected)
+    assert actual.shape == expected.shape
+    atol = tolerance(dtype) * max(1.0, scale)
+    np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64), rtol=tolerance(dtype), atol=atol)

@@ -1,0 +1,71 @@
+"""The package as a user meets it: configuration, command line, docs, metadata."""
+import doctest
+import importlib.metadata
+import pathlib
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cbn
+import cbn._api
+import cbn._config
+
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_version_is_single_sourced():
+    assert importlib.metadata.version("cbn") == cbn.__version__
+
+
+def test_show_config_reports_what_the_issue_asks(capsys):
+    config = cbn.show_config(mode="dicts")
+    assert config["cbn"] == cbn.__version__
+    assert config["numpy"] == np.__version__
+    assert config["threads"] >= 1
+    assert isinstance(config["openmp"], bool)
+    assert config["gpu"].startswith("unavailable")
+    cbn.show_config()
+    printed = capsys.readouterr().out
+    for word in ("cbn", "OpenMP", "default threads", "NumPy", "GPU path"):
+        assert word in printed
+    with pytest.raises(ValueError, match="mode must be"):
+        cbn.show_config(mode="yaml")
+
+
+def test_openmp_thread_count_follows_omp_num_threads():
+    if not cbn.show_config(mode="dicts")["openmp"]:
+        pytest.skip("built without OpenMP")
+    code = "import cbn; print(cbn.show_config(mode='dicts')['threads'])"
+    env = {"OMP_NUM_THREADS": "3", "PATH": ""}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "3"
+
+
+def test_command_line_info_and_quickstart():
+    info = subprocess.run([sys.executable, "-m", "cbn", "info"], capture_output=True, text=True, check=True)
+    assert f"cbn {cbn.__version__}" in info.stdout
+    quick = subprocess.run([sys.executable, "-m", "cbn", "quickstart"], capture_output=True, text=True, check=True)
+    assert "agrees with cbn.reference: True" in quick.stdout
+
+
+@pytest.mark.skipif(not README.exists(), reason="README.md is not beside the tests")
+def test_readme_quick_start_is_the_code_that_runs():
+    blocks = re.findall(r"## Quick start.*?```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "README has no quick start block"
+    source = pathlib.Path(cbn.__file__).with_name("_quickstart.py").read_text()
+    assert blocks[0].strip() == source.strip()
+
+
+@pytest.mark.parametrize("module", [cbn._api, cbn._config])
+def test_docstring_examples_run(module):
+    failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert tried > 0 and failures == 0
+
+
+def test_public_functions_have_numpydoc_sections():
+    for func in (cbn.batch_norm, cbn.batch_norm_forward, cbn.batch_norm_backward, cbn.batch_stats):
+        for section in ("Parameters", "Returns", "Examples"):
+            assert section in func.__doc__, (func.__name__, section)

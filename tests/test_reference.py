@@ -1,0 +1,296 @@
+"""Every public function against cbn.reference over dtypes, shapes, axes and layouts."""
+import numpy as np
+import pytest
+from helpers import LAYOUTS, assert_close, make_layout, random_array, tolerance
+
+import cbn
+from cbn import reference
+
+DTYPES = [np.float16, np.float32, np.float64, np.int32]
+
+# (shape, channel axes): 2-D to 5-D, one channel, prime extents, spatial size 1
+CASES = [
+    ((7, 3), 1),
+    ((7, 3), -1),
+    ((6, 1, 7), 1),
+    ((5, 3, 1, 1), 1),
+    ((3, 5, 7, 2), 1),
+    ((3, 5, 7, 2), -1),
+    ((3, 5, 7, 2), (1, 3)),
+    ((3, 5, 7, 2), (3, 1)),
+    ((2, 3, 5, 4, 3), 1),
+    ((2, 3, 5, 4, 3), (0, 2)),
+    ((4, 3, 2, 5, 3), -1),
+]
+
+
+def _per_channel_shape(shape, axis):
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    return tuple(shape[a] for a in axes)
+
+
+def _ids(case):
+    shape, axis = case
+    return f"{'x'.join(map(str, shape))}-axis{axis}"
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_all_functions_match_reference(case, dtype, layout, rng):
+    shape, axis = case
+    x = make_layout(random_array(rng, shape, dtype, offset=3.0, scale=2.0), layout)
+    cshape = _per_channel_shape(shape, axis)
+    gamma = rng.uniform(0.5, 2.0, cshape)
+    beta = rng.standard_normal(cshape)
+    x_before = x.copy()
+    result = np.result_type(x.dtype, np.float16) if x.dtype.kind == "f" else np.dtype(np.float64)
+
+    # statistics
+    mean, var = cbn.batch_stats(x, channel_axis=axis)
+    mean_ref, var_ref = reference.batch_stats(x, channel_axis=axis)
+    assert mean.dtype == mean_ref.dtype and var.dtype == var_ref.dtype
+    assert_close(mean, mean_ref, mean.dtype, scale=4.0)
+    assert_close(var, var_ref, var.dtype, scale=4.0)
+
+    # training forward
+    y, m, s = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis)
+    y_ref, m_ref, s_ref = reference.batch_norm_forward(x, gamma, beta, channel_axis=axis)
+    assert y.dtype == y_ref.dtype == result and y.shape == shape
+    assert m.dtype == m_ref.dtype and s.dtype == s_ref.dtype
+    assert_close(y, y_ref, y.dtype, scale=4.0)
+    assert_close(m, m_ref, m.dtype, scale=4.0)
+    # invstd is 1/sqrt(eps) ~ 316 on constant channels (broadcast layout)
+    assert_close(s, s_ref, s.dtype, scale=float(np.max(s_ref)))
+    assert_close(cbn.batch_norm(x, gamma, beta, channel_axis=axis), y_ref, result, scale=4.0)
+
+    # inference
+    running_mean = rng.standard_normal(cshape)
+    running_var = rng.uniform(0.5, 2.0, cshape)
+    kwargs = dict(running_mean=running_mean, running_var=running_var, training=False, channel_axis=axis)
+    y_eval = cbn.batch_norm(x, gamma, beta, **kwargs)
+    assert y_eval.dtype == result
+    assert_close(y_eval, reference.batch_norm(x, gamma, beta, **kwargs), result, scale=30.0)
+
+    # gradient, with dy in the same layout as x
+    dy = make_layout(random_array(rng, shape, dtype), layout)
+    grads = cbn.batch_norm_backward(dy, x, m_ref, s_ref, gamma, channel_axis=axis)
+    grads_ref = reference.batch_norm_backward(dy, x, m_ref, s_ref, gamma, channel_axis=axis)
+    for got, want in zip(grads, grads_ref):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        assert_close(got, want, got.dtype, scale=float(np.max(np.abs(want), initial=1.0)))
+
+    np.testing.assert_array_equal(x, x_before)  # inputs are never modified
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1, (1, 2)])
+def test_gradient_with_layouts_mixed(dtype, axis, rng):
+    """dy and x in different layouts still pair element by element."""
+    shape = (4, 3, 5, 6)
+    x = make_layout(random_array(rng, shape, dtype), "F")
+    dy = make_layout(random_array(rng, shape, dtype), "strided")
+    _, mean, invstd = cbn.batch_norm_forward(x, channel_axis=axis)
+    got = cbn.batch_norm_backward(dy, x, mean, invstd, channel_axis=axis)
+    want = reference.batch_norm_backward(dy, x, mean, invstd, channel_axis=axis)
+    for g, w in zip(got, want):
+        assert_close(g, w, dtype, scale=float(np.max(np.abs(w))))
+
+
+def test_mixed_dtypes_promote_like_numpy(rng):
+    x = random_array(rng, (6, 3, 4), np.float32)
+    dy = random_array(rng, (6, 3, 4), np.float64)
+    _, mean, invstd = cbn.batch_norm_forward(x)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, invstd)
+    assert dx.dtype == np.float64 and dgamma.dtype == np.float64 and dbeta.dtype == np.float64
+    dx16, _, _ = cbn.batch_norm_backward(dy.astype(np.float16), x.astype(np.float16), mean, invstd)
+    assert dx16.dtype == np.float16
+
+
+@pytest.mark.parametrize("dtype", [bool, np.uint8, np.int64])
+def test_integer_and_bool_inputs_give_float64(dtype, rng):
+    x = random_array(rng, (10, 3), dtype)
+    y = cbn.batch_norm(x)
+    assert y.dtype == np.float64
+    assert_close(y, reference.batch_norm(x.astype(np.float64)), np.float64, scale=4.0)
+
+
+def test_array_like_inputs(rng):
+    x = random_array(rng, (5, 2, 3), np.float64)
+
+    class WithArray:
+        def __array__(self, dtype=None, copy=None):
+            return x
+
+    want = reference.batch_norm(x, [1.0, 2.0], (0.5, -0.5))
+    assert_close(cbn.batch_norm(x.tolist(), [1.0, 2.0], (0.5, -0.5)), want, np.float64)
+    assert_close(cbn.batch_norm(WithArray(), [1.0, 2.0], (0.5, -0.5)), want, np.float64)
+
+
+def test_non_native_byte_order_and_unaligned(rng):
+    x = random_array(rng, (8, 3, 5), np.float64)
+    swapped = x.astype(x.dtype.newbyteorder("S"))
+    raw = np.zeros(x.nbytes + 1, dtype=np.uint8)
+    unaligned = raw[1:].view(np.float64).reshape(x.shape)
+    unaligned[...] = x
+    assert not unaligned.flags.aligned
+    want = reference.batch_norm(x)
+    for arr in (swapped, unaligned):
+        y = cbn.batch_norm(arr)
+        assert y.dtype == np.float64 and y.dtype.isnative
+        assert_close(y, want, np.float64, scale=4.0)
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_empty_channel_axis_gives_empty_results(axis):
+    x = np.zeros((4, 0, 3)) if axis == 1 else np.zeros((4, 3, 0))
+    y, mean, invstd = cbn.batch_norm_forward(x, channel_axis=axis)
+    assert y.shape == x.shape and mean.shape == (0,) and invstd.shape == (0,)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(x, x, mean, invstd, channel_axis=axis)
+    assert dx.shape == x.shape and dgamma.shape == (0,)
+
+
+def test_large_offset_variance_is_accurate():
+    """float32 data offset by 1e5: variance accumulated in float64 from deviations."""
+    rng = np.random.default_rng(0)
+    x = (1e5 + rng.standard_normal((64, 8, 32, 32))).astype(np.float32)
+    exact = x.astype(np.float64).var(axis=(0, 2, 3))
+    _, var = cbn.batch_stats(x)
+    assert np.max(np.abs(var - exact) / exact) <= 1e-6
+
+
+def test_large_constant_channel_normalizes_to_beta():
+    """pytorch#5410: a channel holding one large constant must give exactly beta."""
+    x = np.random.default_rng(0).standard_normal((16, 3, 5, 5)).astype(np.float32)
+    x[:, 1] = 1e7
+    beta = np.array([0.0, 0.25, 0.0])
+    y = cbn.batch_norm(x, None, beta)
+    assert np.all(y[:, 1] == np.float32(0.25))
+    assert tolerance(np.float32) > 0  # the other channels are checked elsewhere
+
+
+# ---------------------------------------------------------------------------
+# out=
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "negative"])
+def test_out_in_place_equals_out_of_place(dtype, layout, rng):
+    x = make_layout(random_array(rng, (6, 4, 5, 3), dtype, offset=2.0), layout)
+    gamma, beta = rng.uniform(0.5, 2, 4), rng.standard_normal(4)
+    want = cbn.batch_norm(x, gamma, beta)
+    got = cbn.batch_norm(x, gamma, beta, out=x)
+    assert got is x
+    np.testing.assert_array_equal(x, want)
+
+    x = make_layout(random_array(rng, (6, 4, 5, 3), dtype, offset=2.0), layout)
+    dy = make_layout(random_array(rng, (6, 4, 5, 3), dtype), layout)
+    _, mean, invstd = cbn.batch_norm_forward(x)
+    want = cbn.batch_norm_backward(dy, x, mean, invstd, gamma)
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, invstd, gamma, out=(dy, None, None))
+    assert dx is dy
+    for g, w in zip((dx, dgamma, dbeta), want):
+        np.testing.assert_array_equal(g, w)
+
+
+def test_out_arguments_follow_ufunc_rules(rng):
+    x = random_array(rng, (5, 3, 4), np.float32)
+    want_y, want_mean, want_invstd = reference.batch_norm_forward(x)
+
+    out = np.empty((5, 3, 4), np.float64)  # wider dtype: same_kind cast
+    assert cbn.batch_norm(x, out=out) is out
+    assert_close(out, want_y, np.float32, scale=4.0)
+    assert cbn.batch_norm(x, out=(out,)) is out  # one-entry tuple, as for ufuncs
+
+    strided = np.zeros((10, 3, 8), np.float32)[::2, :, ::2]
+    assert cbn.batch_norm(x, out=strided) is strided
+    assert_close(strided, want_y, np.float32, scale=4.0)
+
+    mean64, invstd64 = np.empty(3), np.empty(3)
+    y, mean, invstd = cbn.batch_norm_forward(x, out=(None, mean64, invstd64))
+    assert mean is mean64 and invstd is invstd64
+    # float64 outs keep the float64 statistics the kernels computed
+    assert_close(mean64, x.astype(np.float64).mean(axis=(0, 2)), np.float64, scale=4.0)
+    assert_close(y, want_y, np.float32, scale=4.0)
+
+
+def test_out_partially_overlapping_an_input(rng):
+    """An out that overlaps x without being x goes through a temporary."""
+    buf = random_array(rng, (7, 3), np.float64)
+    x = buf[:6]
+    want = reference.batch_norm(x.copy())
+    out = buf[1:]
+    cbn.batch_norm(x, out=out)
+    assert_close(out, want, np.float64, scale=4.0)
+
+
+# ---------------------------------------------------------------------------
+# running statistics
+
+
+@pytest.mark.parametrize("stat_dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("axis", [1, -1, (1, 2)])
+def test_running_stats_update_like_reference(stat_dtype, axis, rng):
+    x = random_array(rng, (8, 3, 4, 2), np.float32, offset=1.0, scale=3.0)
+    cshape = _per_channel_shape(x.shape, axis)
+    rm, rv = np.full(cshape, 0.5, stat_dtype), np.full(cshape, 2.0, stat_dtype)
+    rm_ref, rv_ref = rm.copy(), rv.copy()
+    for momentum in (0.1, 0.0, 1.0, 0.3):
+        cbn.batch_norm(x, running_mean=rm, running_var=rv, momentum=momentum, channel_axis=axis)
+        reference.batch_norm(x, running_mean=rm_ref, running_var=rv_ref, momentum=momentum, channel_axis=axis)
+    assert rm.dtype == stat_dtype and rv.dtype == stat_dtype
+    assert_close(rm, rm_ref, stat_dtype, scale=4.0)
+    assert_close(rv, rv_ref, stat_dtype, scale=10.0)
+    # the running variance is the unbiased one
+    rm, rv = np.zeros(cshape), np.zeros(cshape)
+    cbn.batch_norm(x, running_mean=rm, running_var=rv, momentum=1.0, channel_axis=axis)
+    axes = axis if isinstance(axis, tuple) else (axis,)
+    moved = np.moveaxis(x.astype(np.float64), axes, tuple(range(-len(axes), 0)))
+    flat = moved.reshape(-1, *cshape)
+    assert_close(rv, flat.var(axis=0, ddof=1), np.float64, scale=10.0)
+
+
+def test_forward_updates_running_stats_too(rng):
+    x = random_array(rng, (8, 3), np.float64)
+    rm, rv = np.zeros(3), np.ones(3)
+    cbn.batch_norm_forward(x, running_mean=rm, running_var=rv)
+    assert_close(rm, 0.1 * x.mean(axis=0), np.float64)
+    assert_close(rv, 0.9 + 0.1 * x.var(axis=0, ddof=1), np.float64)
+
+
+# ---------------------------------------------------------------------------
+# threads
+
+
+@pytest.mark.parametrize("layout", ["C", "F", "strided", "transposed"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_results_do_not_depend_on_thread_count(layout, axis):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    rng = np.random.default_rng(7)
+    shape = (16, 8, 32, 33)  # large enough to run in parallel
+    x = make_layout(random_array(rng, shape, np.float32, offset=10.0), layout)
+    dy = make_layout(random_array(rng, shape, np.float32), layout)
+
+    def run():
+        y, mean, invstd = cbn.batch_norm_forward(x, channel_axis=axis)
+        return (y, mean, invstd, *cbn.batch_norm_backward(dy, x, mean, invstd, channel_axis=axis))
+
+    results = {}
+    for n in (1, 2, 3):
+        with threadpoolctl.threadpool_limits(n, user_api="openmp"):
+            results[n] = run()
+    for n in (2, 3):
+        for a, b in zip(results[1], results[n]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_threadpoolctl_controls_cbn_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    from cbn import _kernels
+
+    if not cbn.show_config(mode="dicts")["openmp"]:
+        pytest.skip("built without OpenMP")
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        assert _kernels.max_threads() == 1
+    with threadpoolctl.threadpool_limits(3, user_api="openmp"):
+        assert _kernels.max_threads() == 3
