@@ -10,7 +10,6 @@ import sys
 import tempfile
 import textwrap
 
-from Cython.Build import cythonize
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -85,7 +84,9 @@ extensions = [
     )
 ]
 
+# setuptools hands .pyx sources to Cython (a build requirement) itself, so the
+# sdist carries the .pyx rather than generated C.
 setup(
-    ext_modules=cythonize(extensions, compiler_directives={"language_level": 3}),
+    ext_modules=extensions,
     cmdclass={"build_ext": BuildExtWithOpenMP},
 )

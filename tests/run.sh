@@ -16,7 +16,8 @@ rm -rf "$venv"
 py="$venv/bin/python"
 "$py" -m pip install -q --upgrade pip build
 
-rm -f "$root"/wheels/cbn-*.whl
+# a stale build/ could hold objects built with other flags (CBN_OPENMP)
+rm -rf "$root/build" "$root"/wheels/cbn-*.whl
 "$py" -m build --wheel --outdir "$root/wheels" "$root"
 "$py" -m pip install -q "$root"/wheels/cbn-*.whl
 "$py" -m pip install -q -r "$root/tests/requirements.txt"
