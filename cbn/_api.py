@@ -57,25 +57,30 @@ def _deliver(result, out, dtype):
     return out
 
 
-def _per_channel_zeros(layout):
-    return np.zeros(layout.channel_grid)
+def _chan_merge(n, mean, m2, n_b, mean_b, m2_b):
+    """Merge block statistics (n_b, mean_b, m2_b) into (n, mean, m2), in place."""
+    total = n + n_b
+    delta = mean_b - mean
+    mean += delta * (n_b / total)
+    m2 += m2_b + delta * delta * (n * n_b / total)
+    return total
 
 
-def _channel_stats(x, axes, cshape, count):
-    """Per-channel float64 mean and biased variance (corrected two-pass)."""
-    if x.size == 0:
-        return np.full(cshape, np.nan), np.full(cshape, np.nan)
+def _channel_stats(x, axes, cshape):
+    """Per-channel float64 mean and M2 (sum of squared deviations from the mean)."""
     layout = plan([x], axes)
-    total = _per_channel_zeros(layout)
-    for c, (xb,) in layout.blocks():
-        _kernels.channel_sums(xb, total[c])
-    mean = total / count
-    dev = _per_channel_zeros(layout)
-    sq = _per_channel_zeros(layout)
-    for c, (xb,) in layout.blocks():
-        _kernels.channel_deviations(xb, mean[c], dev[c], sq[c])
-    var = np.maximum((sq - dev * dev / count) / count, 0.0)
-    return mean.reshape(cshape), var.reshape(cshape)
+    mean = np.zeros(layout.channel_grid)
+    m2 = np.zeros(layout.channel_grid)
+    if layout.reduced_blocks == 1:
+        for c, (xb,) in layout.blocks():
+            _kernels.channel_stats(xb, mean[c], m2[c])
+    else:  # one channel's values in several blocks: merge in block order
+        counts = {}
+        block_mean, block_m2 = np.empty(layout.channel_grid[-1]), np.empty(layout.channel_grid[-1])
+        for c, (xb,) in layout.blocks():
+            _kernels.channel_stats(xb, block_mean, block_m2)
+            counts[c] = _chan_merge(counts.get(c, 0), mean[c], m2[c], xb.shape[0] * xb.shape[2], block_mean, block_m2)
+    return mean.reshape(cshape), m2.reshape(cshape)
 
 
 def _normalize(x, y, axes, mean, scale, shift):
@@ -87,6 +92,50 @@ def _normalize(x, y, axes, mean, scale, shift):
     mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
     for c, (xb, yb) in layout.blocks():
         _kernels.normalize(xb, yb, mean[c], scale[c], shift[c])
+
+
+def _train(x, y, axes, cshape, count, gamma, beta, eps):
+    """Training forward into y; returns per-channel float64 (mean, var, invstd)."""
+    mean, var, invstd = np.empty(cshape), np.empty(cshape), np.empty(cshape)
+    if x.size == 0:
+        return mean, var, invstd
+    layout = plan([x, y], axes)
+    if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
+        grid = layout.channel_grid
+        g, b, m, v, s = (p.reshape(grid) for p in (gamma, beta, mean, var, invstd))
+        for c, (xb, yb) in layout.blocks():
+            _kernels.forward_train(xb, yb, g[c], b[c], eps, m[c], v[c], s[c])
+        return mean, var, invstd
+    mean, m2 = _channel_stats(x, axes, cshape)
+    var[...] = m2 / count
+    invstd[...] = _invstd(var, eps)
+    _normalize(x, y, axes, mean, gamma * invstd, beta)
+    return mean, var, invstd
+
+
+def _backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
+    """Gradient into dx; returns per-channel float64 (sum(dy), sum(dy * (x - mean)))."""
+    sum_dy, sum_dy_xmu = np.zeros(cshape), np.zeros(cshape)
+    if x.size == 0:
+        return sum_dy, sum_dy_xmu
+    layout = plan([dy, x, dx], axes)
+    grid = layout.channel_grid
+    m, s, g, sd, sdx = (p.reshape(grid) for p in (mean, invstd, gamma, sum_dy, sum_dy_xmu))
+    if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
+        for c, (dyb, xb, dxb) in layout.blocks():
+            _kernels.backward(dyb, xb, dxb, m[c], s[c], g[c], sd[c], sdx[c])
+        return sum_dy, sum_dy_xmu
+    block_dy, block_dy_xmu = np.empty(grid[-1]), np.empty(grid[-1])
+    for c, (dyb, xb, _) in layout.blocks():
+        _kernels.backward_reduce(dyb, xb, m[c], block_dy, block_dy_xmu)
+        sd[c] += block_dy
+        sdx[c] += block_dy_xmu
+    k_dy = g * s
+    k_xmu = k_dy * s * s * sdx / count
+    k_const = k_dy * sd / count
+    for c, (dyb, xb, dxb) in layout.blocks():
+        _kernels.backward_elemt(dyb, xb, dxb, m[c], k_dy[c], k_xmu[c], k_const[c])
+    return sum_dy, sum_dy_xmu
 
 
 def _invstd(var, eps):
@@ -150,12 +199,10 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
     _args.check_out(out_invstd, labels[2], cshape, work)
 
     xc = _as_compute(x, work)
-    mean, var = _channel_stats(xc, axes, cshape, count)
-    invstd = _invstd(var, eps)
-    scale = invstd if gamma is None else invstd * gamma
-    shift = np.zeros(cshape) if beta is None else beta
     y = _bulk_target(out_y, xc, work, [xc])
-    _normalize(xc, y, axes, mean, scale, shift)
+    gamma = np.ones(cshape) if gamma is None else gamma
+    beta = np.zeros(cshape) if beta is None else beta
+    mean, var, invstd = _train(xc, y, axes, cshape, count, gamma, beta, eps)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum)
     return (
@@ -363,21 +410,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
 
     dyc = _as_compute(dy, work)
     xc = _as_compute(x, work)
-    sum_dy = np.zeros(cshape)
-    sum_dy_xmu = np.zeros(cshape)
     dx = _bulk_target(out_dx, xc, work, [dyc, xc])
-    if x.size:
-        layout = plan([dyc, xc, dx], axes)
-        grid = layout.channel_grid
-        mean_g, sum_dy_g, sum_dy_xmu_g = (a.reshape(grid) for a in (mean, sum_dy, sum_dy_xmu))
-        for c, (dyb, xb, _) in layout.blocks():
-            _kernels.backward_reduce(dyb, xb, mean_g[c], sum_dy_g[c], sum_dy_xmu_g[c])
-        k_dy = gamma * invstd
-        k_xmu = k_dy * invstd * invstd * sum_dy_xmu / count
-        k_const = k_dy * sum_dy / count
-        k_dy, k_xmu, k_const = (a.reshape(grid) for a in (k_dy, k_xmu, k_const))
-        for c, (dyb, xb, dxb) in layout.blocks():
-            _kernels.backward_elemt(dyb, xb, dxb, mean_g[c], k_dy[c], k_xmu[c], k_const[c])
+    sum_dy, sum_dy_xmu = _backward(dyc, xc, dx, axes, cshape, count, mean, invstd, gamma)
     dgamma = sum_dy_xmu * invstd
     return (
         _deliver(dx, out_dx, result),
@@ -419,8 +453,8 @@ def batch_stats(x, *, channel_axis=1):
     if count == 0:
         raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
     work = _args.compute_dtype(_args.result_dtype(x))
-    mean, var = _channel_stats(_as_compute(x, work), axes, cshape, count)
-    return mean.astype(work), var.astype(work)
+    mean, m2 = _channel_stats(_as_compute(x, work), axes, cshape)
+    return mean.astype(work), (m2 / count).astype(work)
 
 
 for _f in (batch_norm, batch_norm_forward, batch_norm_backward, batch_stats):

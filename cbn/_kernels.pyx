@@ -2,222 +2,590 @@
 # cython: cdivision=True, initializedcheck=False
 """Batch-normalization kernels on 3-D views ``x[a, c, b]``.
 
-The Python layer (``cbn._layout``) turns every input into views of shape
-(A, C, B): ``c`` runs over the channels and (a, b) over the values that share
-a channel, with any strides.  Bulk arrays are float32 or float64 (one
-``cython.floating`` kernel per operation); per-channel arrays are float64, and
-every sum is accumulated in float64.
+``cbn._layout`` turns every input into views of shape (A, C, B): ``c`` runs
+over channels and (a, b) over the values that share a channel, with any
+strides.  Bulk arrays are float32 or float64 (one ``cython.floating`` kernel
+per operation); per-channel arrays are float64 and every sum is float64.
 
-The work is cut into tiles whose extents depend only on (A, C, B), never on
-the thread count, and the partial sums of the tiles are added in tile order:
-results are bitwise identical for any number of threads.
+Two traversals, chosen from x's strides:
 
-Reductions *add* into their ``acc`` arguments, so a view that has to be
-visited in several pieces (see ``cbn._layout``) is reduced by calling the
-kernel once per piece, in a fixed order.
+* row mode (NCHW-like, B is the finer axis): a channel is A rows of B values.
+  A channel whose block fits in L2 is done start to finish by one thread
+  (statistics, then normalize or gradient, while the block is cached): the
+  data is read from memory once.  Larger channels are cut into chunks.
+* column mode (NC, NHWC: C is the finer axis): rows of C channels.  Rows are
+  cut into chunks whose per-channel partial results are merged afterwards.
+
+Every cut depends on the shape only, never on the thread count, and partial
+results are merged in a fixed order: the bits do not depend on the number of
+threads.  Variances are two-pass within a cached block and merged with Chan's
+formula, never E[x^2] - E[x]^2.
 """
 import numpy as np
 
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport sqrt
 
 cdef extern from "cbn_openmp.h":
     int omp_get_max_threads() noexcept nogil
     int CBN_OPENMP_VERSION
     const char *cbn_openmp_library() noexcept
 
-# Elements per tile: large enough to amortise the per-tile bookkeeping,
-# small enough to give two threads work even for a few MB of data.
-cdef Py_ssize_t TILE = 16384
-# Below this many elements a parallel region costs more than it saves.
-cdef Py_ssize_t SERIAL_BELOW = 1 << 16
+# A channel block up to this size (all arrays it reads) stays in L2 between
+# the statistics pass and the normalize/gradient pass.
+cdef Py_ssize_t FUSE_BYTES = 1 << 20
+# Chunks of this size stay in L2 for their second pass.
+cdef Py_ssize_t CHUNK_BYTES = 1 << 18
+# Below this much data a parallel region costs more than it saves.
+cdef Py_ssize_t SERIAL_BYTES = 1 << 18
 
 
-cdef struct Tiling:
-    Py_ssize_t A, C, B       # extents of the view
-    Py_ssize_t ta, tc, tb    # extents of one tile
-    Py_ssize_t na, nc, nb    # number of tiles along each axis
+# ==========================================================================
+# Loops over one contiguous-or-strided run of values (the inner loops)
+#
+# A stride of 1 takes a loop the compiler vectorizes.  Reductions keep LANES
+# independent accumulators, added up in a fixed tree at the end: enough
+# independent chains to hide the add latency, and the same summation order on
+# any CPU and any vector width.
+
+cdef enum:
+    LANES = 16
 
 
-cdef struct Tile:
-    Py_ssize_t a0, a1, c0, c1, b0, b1
-    Py_ssize_t row           # row of the partial-sum buffer this tile fills
+cdef inline double tree_sum(const double *acc) noexcept nogil:
+    """Sum of acc[0:LANES] in a fixed pairwise order."""
+    cdef double s8[8]
+    cdef double s4[4]
+    cdef int j
+    for j in range(8):
+        s8[j] = acc[j] + acc[j + 8]
+    for j in range(4):
+        s4[j] = s8[j] + s8[j + 4]
+    return (s4[0] + s4[2]) + (s4[1] + s4[3])
+
+
+cdef inline double run_sum(const floating *x, Py_ssize_t n, Py_ssize_t s) noexcept nogil:
+    cdef double acc[LANES]
+    cdef Py_ssize_t i = 0
+    cdef int j
+    for j in range(LANES):
+        acc[j] = 0
+    if s == 1:
+        while i + LANES <= n:
+            for j in range(LANES):
+                acc[j] += x[i + j]
+            i += LANES
+    while i < n:
+        acc[0] += x[i * s]
+        i += 1
+    return tree_sum(acc)
+
+
+cdef inline double run_sq_dev(const floating *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev) noexcept nogil:
+    """Returns sum((x - mu)**2); adds sum(x - mu) to dev[0]."""
+    cdef double acc_dev[LANES]
+    cdef double acc_sq[LANES]
+    cdef double d
+    cdef Py_ssize_t i = 0
+    cdef int j
+    for j in range(LANES):
+        acc_dev[j] = 0
+        acc_sq[j] = 0
+    if s == 1:
+        while i + LANES <= n:
+            for j in range(LANES):
+                d = x[i + j] - mu
+                acc_dev[j] += d
+                acc_sq[j] += d * d
+            i += LANES
+    while i < n:
+        d = x[i * s] - mu
+        acc_dev[0] += d
+        acc_sq[0] += d * d
+        i += 1
+    dev[0] += tree_sum(acc_dev)
+    return tree_sum(acc_sq)
+
+
+cdef inline void run_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, Py_ssize_t n,
+                            double mu, double scale, double shift) noexcept nogil:
+    """y = (x - mu) * scale + shift: centred, so a constant run gives exactly shift."""
+    cdef Py_ssize_t i
+    if sx == 1 and sy == 1:
+        for i in range(n):
+            y[i] = <floating>((x[i] - mu) * scale + shift)
+    else:
+        for i in range(n):
+            y[i * sy] = <floating>((x[i * sx] - mu) * scale + shift)
+
+
+cdef inline double run_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx, Py_ssize_t n,
+                                 double mu, double *sum_dy) noexcept nogil:
+    """Returns sum(dy * (x - mu)); adds sum(dy) to sum_dy[0]."""
+    cdef double acc_dy[LANES]
+    cdef double acc_dy_xmu[LANES]
+    cdef double g
+    cdef Py_ssize_t i = 0
+    cdef int j
+    for j in range(LANES):
+        acc_dy[j] = 0
+        acc_dy_xmu[j] = 0
+    if sd == 1 and sx == 1:
+        while i + LANES <= n:
+            for j in range(LANES):
+                g = dy[i + j]
+                acc_dy[j] += g
+                acc_dy_xmu[j] += g * (x[i + j] - mu)
+            i += LANES
+    while i < n:
+        g = dy[i * sd]
+        acc_dy[0] += g
+        acc_dy_xmu[0] += g * (x[i * sx] - mu)
+        i += 1
+    sum_dy[0] += tree_sum(acc_dy)
+    return tree_sum(acc_dy_xmu)
+
+
+cdef inline void run_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
+                          floating *dx, Py_ssize_t so, Py_ssize_t n,
+                          double mu, double k_dy, double k_xmu, double k_const) noexcept nogil:
+    """dx = dy * k_dy - (x - mu) * k_xmu - k_const."""
+    cdef Py_ssize_t i
+    if sd == 1 and sx == 1 and so == 1:
+        for i in range(n):
+            dx[i] = <floating>(dy[i] * k_dy - (x[i] - mu) * k_xmu - k_const)
+    else:
+        for i in range(n):
+            dx[i * so] = <floating>(dy[i * sd] * k_dy - (x[i * sx] - mu) * k_xmu - k_const)
+
+
+cdef inline void cols_add(const floating *x, Py_ssize_t s, double *acc, Py_ssize_t n) noexcept nogil:
+    """acc[i] += x[i]: one row of channels into per-channel sums."""
+    cdef Py_ssize_t i
+    if s == 1:
+        for i in range(n):
+            acc[i] += x[i]
+    else:
+        for i in range(n):
+            acc[i] += x[i * s]
+
+
+cdef inline void cols_sq_dev(const floating *x, Py_ssize_t s, const double *mu, double *acc,
+                             Py_ssize_t n) noexcept nogil:
+    """acc[i] += (x[i] - mu[i])**2."""
+    cdef Py_ssize_t i
+    cdef double d
+    if s == 1:
+        for i in range(n):
+            d = x[i] - mu[i]
+            acc[i] += d * d
+    else:
+        for i in range(n):
+            d = x[i * s] - mu[i]
+            acc[i] += d * d
+
+
+cdef inline void cols_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, const double *mu,
+                             const double *scale, const double *shift, Py_ssize_t n) noexcept nogil:
+    """y[i] = (x[i] - mu[i]) * scale[i] + shift[i]."""
+    cdef Py_ssize_t i
+    if sx == 1 and sy == 1:
+        for i in range(n):
+            y[i] = <floating>((x[i] - mu[i]) * scale[i] + shift[i])
+    else:
+        for i in range(n):
+            y[i * sy] = <floating>((x[i * sx] - mu[i]) * scale[i] + shift[i])
+
+
+cdef inline void cols_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
+                                const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n) noexcept nogil:
+    """sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i])."""
+    cdef Py_ssize_t i
+    cdef double g
+    if sd == 1 and sx == 1:
+        for i in range(n):
+            g = dy[i]
+            sum_dy[i] += g
+            sum_dy_xmu[i] += g * (x[i] - mu[i])
+    else:
+        for i in range(n):
+            g = dy[i * sd]
+            sum_dy[i] += g
+            sum_dy_xmu[i] += g * (x[i * sx] - mu[i])
+
+
+cdef inline void cols_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
+                           floating *dx, Py_ssize_t so, const double *mu, const double *k_dy,
+                           const double *k_xmu, const double *k_const, Py_ssize_t n) noexcept nogil:
+    """dx[i] = dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i]."""
+    cdef Py_ssize_t i
+    if sd == 1 and sx == 1 and so == 1:
+        for i in range(n):
+            dx[i] = <floating>(dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i])
+    else:
+        for i in range(n):
+            dx[i * so] = <floating>(dy[i * sd] * k_dy[i] - (x[i * sx] - mu[i]) * k_xmu[i] - k_const[i])
+
+
+# ==========================================================================
+# Views as raw pointers and element strides
+
+cdef struct View:
+    char *data                      # element [0, 0, 0]
+    Py_ssize_t sa, sc, sb           # strides in elements
+
+
+cdef View view_of(const floating[:, :, :] v) noexcept:
+    cdef View w
+    cdef Py_ssize_t size = sizeof(floating)
+    w.data = <char *>&v[0, 0, 0]
+    w.sa = v.strides[0] // size
+    w.sc = v.strides[1] // size
+    w.sb = v.strides[2] // size
+    return w
+
+
+cdef inline floating *at(View *w, Py_ssize_t a, Py_ssize_t c, Py_ssize_t b, floating *kind) noexcept nogil:
+    """Address of element [a, c, b] (``kind`` only selects the type)."""
+    return (<floating *>w.data) + a * w.sa + c * w.sc + b * w.sb
+
+
+cdef inline Py_ssize_t magnitude(Py_ssize_t n) noexcept nogil:
+    return -n if n < 0 else n
+
+
+cdef inline bint column_mode(const floating[:, :, :] v) noexcept:
+    """True when channels are v's finer axis (NC, NHWC), so rows of C are read."""
+    cdef Py_ssize_t sc = v.strides[1], sb = v.strides[2]
+    return v.shape[2] == 1 or (v.shape[1] > 1 and magnitude(sc) < magnitude(sb))
+
+
+cdef int n_threads(Py_ssize_t nbytes, Py_ssize_t n_tasks) noexcept nogil:
+    if nbytes < SERIAL_BYTES or n_tasks < 2:
+        return 1
+    return <int>min(<Py_ssize_t>omp_get_max_threads(), n_tasks)
 
 
 cdef inline Py_ssize_t ceil_div(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
     return (n + d - 1) // d
 
 
-cdef Tiling make_tiling(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B) noexcept nogil:
-    cdef Tiling t
-    t.A = A
-    t.C = C
-    t.B = B
-    t.tb = max(1, min(B, TILE))
-    t.tc = max(1, min(C, TILE // t.tb))
-    t.ta = max(1, min(A, TILE // (t.tb * t.tc)))
-    t.na = ceil_div(A, t.ta)
-    t.nc = ceil_div(C, t.tc)
-    t.nb = ceil_div(B, t.tb)
-    return t
+# Chunks: a grid over (A, B) per channel (row mode), or over rows r = (a, b)
+# and channels (column mode).  Extents depend only on the shape.
+
+cdef struct Grid:
+    Py_ssize_t A, C, B, R           # R = A * B rows (column mode)
+    Py_ssize_t ta, tb, na, nb       # row mode: tile extents and counts per channel
+    Py_ssize_t tr, tc, nr, nc       # column mode
 
 
-cdef inline Tile tile_at(const Tiling *t, Py_ssize_t k) noexcept nogil:
-    cdef Tile s
-    cdef Py_ssize_t ia = k // (t.nc * t.nb)
-    cdef Py_ssize_t ic = (k // t.nb) % t.nc
-    cdef Py_ssize_t ib = k % t.nb
-    s.a0 = ia * t.ta
-    s.a1 = min(s.a0 + t.ta, t.A)
-    s.c0 = ic * t.tc
-    s.c1 = min(s.c0 + t.tc, t.C)
-    s.b0 = ib * t.tb
-    s.b1 = min(s.b0 + t.tb, t.B)
-    s.row = ia * t.nb + ib
-    return s
+cdef Grid make_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t chunk) noexcept nogil:
+    cdef Grid g
+    g.A = A
+    g.C = C
+    g.B = B
+    g.R = A * B
+    g.tb = max(1, min(B, chunk))
+    g.ta = max(1, min(A, chunk // g.tb))
+    g.na = ceil_div(A, g.ta)
+    g.nb = ceil_div(B, g.tb)
+    g.tc = max(1, min(C, chunk))
+    g.tr = max(1, min(g.R, chunk // g.tc))
+    g.nr = ceil_div(g.R, g.tr)
+    g.nc = ceil_div(C, g.tc)
+    return g
 
 
-cdef inline Py_ssize_t n_tiles(const Tiling *t) noexcept nogil:
-    return t.na * t.nc * t.nb
+cdef inline Py_ssize_t row_tile(const Grid *g, Py_ssize_t k, Py_ssize_t *a0, Py_ssize_t *a1,
+                                Py_ssize_t *b0, Py_ssize_t *b1) noexcept nogil:
+    """Bounds of row-mode task k (channel-major); returns its channel."""
+    cdef Py_ssize_t t = k % (g.na * g.nb)
+    a0[0] = (t // g.nb) * g.ta
+    a1[0] = min(a0[0] + g.ta, g.A)
+    b0[0] = (t % g.nb) * g.tb
+    b1[0] = min(b0[0] + g.tb, g.B)
+    return k // (g.na * g.nb)
 
 
-cdef int n_threads(const Tiling *t) noexcept nogil:
-    if t.A * t.C * t.B < SERIAL_BELOW or n_tiles(t) < 2:
-        return 1
-    return <int>min(<Py_ssize_t>omp_get_max_threads(), n_tiles(t))
+cdef inline Py_ssize_t column_chunk(const Grid *g, Py_ssize_t k, Py_ssize_t *r0, Py_ssize_t *r1,
+                                    Py_ssize_t *c0, Py_ssize_t *c1) noexcept nogil:
+    """Bounds of column-mode task k (row-chunk-major); returns its row chunk."""
+    r0[0] = (k // g.nc) * g.tr
+    r1[0] = min(r0[0] + g.tr, g.R)
+    c0[0] = (k % g.nc) * g.tc
+    c1[0] = min(c0[0] + g.tc, g.C)
+    return k // g.nc
 
 
-cdef object partial_buffer(const Tiling *t):
-    """One row of per-channel partial sums per (a, b) tile position."""
-    return np.zeros((t.na * t.nb, t.C), dtype=np.float64)
+# ==========================================================================
+# Statistics: per-channel mean and M2 = sum((x - mean)**2)
+
+cdef inline void chan_merge(double *n, double *mean, double *m2, double nb, double mb, double m2b) noexcept nogil:
+    """Merge (nb, mb, m2b) into (n, mean, m2) (Chan, Golub & LeVeque)."""
+    cdef double total = n[0] + nb
+    cdef double delta
+    if nb == 0:
+        return
+    delta = mb - mean[0]
+    mean[0] += delta * (nb / total)
+    m2[0] += m2b + delta * delta * (n[0] * nb / total)
+    n[0] = total
 
 
-cdef void add_partials(const double[:, ::1] part, double[::1] acc) noexcept nogil:
-    """acc[c] += sum of part[:, c], rows added in order (the fixed combine)."""
-    cdef Py_ssize_t p, c
-    for p in range(part.shape[0]):
-        for c in range(part.shape[1]):
-            acc[c] += part[p, c]
+cdef void stats_channel_block(View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
+                              double *mean, double *m2, floating *kind) noexcept nogil:
+    """Two-pass mean and M2 of x[a0:a1, c, b0:b1] (the block is cached for pass two)."""
+    cdef Py_ssize_t a
+    cdef double total = 0, dev = 0, sq = 0, mu
+    cdef double count = <double>((a1 - a0) * (b1 - b0))
+    for a in range(a0, a1):
+        total += run_sum(at(x, a, c, b0, kind), b1 - b0, x.sb)
+    mu = total / count
+    for a in range(a0, a1):
+        sq += run_sq_dev(at(x, a, c, b0, kind), b1 - b0, x.sb, mu, &dev)
+    # corrected two-pass: dev is sum(x - mu), zero but for rounding
+    mean[0] = mu + dev / count
+    m2[0] = max(sq - dev * dev / count, 0.0)
 
 
-# --------------------------------------------------------------------------
-# Statistics
-
-def channel_sums(const floating[:, :, :] x,    # IN  (A, C, B)
-                 double[::1] acc):             # OUT (C,), added to
-    """acc[c] += sum of x[:, c, :]."""
-    cdef Tiling t = make_tiling(x.shape[0], x.shape[1], x.shape[2])
-    cdef double[:, ::1] part = partial_buffer(&t)
-    cdef Py_ssize_t k, a, c, b
-    cdef Tile s
-    cdef double total
+cdef void stats_rows(const floating[:, :, :] xv, double[::1] mean, double[::1] m2):
+    """Row mode: each channel cut into (a, b) tiles, two-pass each, merged in order."""
+    cdef View x = view_of(xv)
+    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
+    cdef Py_ssize_t tiles = g.na * g.nb
+    cdef double[:, ::1] part = np.empty((g.C * tiles, 3))   # count, mean, M2 per tile
+    cdef Py_ssize_t k, c, t, a0, a1, b0, b1
+    cdef double n, mu, s2
+    cdef floating *kind = NULL
     with nogil:
-        for k in prange(n_tiles(&t), num_threads=n_threads(&t), schedule="static"):
-            s = tile_at(&t, k)
-            for a in range(s.a0, s.a1):
-                for c in range(s.c0, s.c1):
-                    total = 0.0
-                    for b in range(s.b0, s.b1):
-                        total = total + x[a, c, b]
-                    part[s.row, c] += total
-        add_partials(part, acc)
+        for k in prange(g.C * tiles, schedule="static",
+                        num_threads=n_threads(g.R * g.C * sizeof(floating), g.C * tiles)):
+            c = row_tile(&g, k, &a0, &a1, &b0, &b1)
+            part[k, 0] = <double>((a1 - a0) * (b1 - b0))
+            stats_channel_block(&x, c, a0, a1, b0, b1, &part[k, 1], &part[k, 2], kind)
+        for c in range(g.C):
+            n = 0
+            mu = 0
+            s2 = 0
+            for t in range(c * tiles, (c + 1) * tiles):
+                chan_merge(&n, &mu, &s2, part[t, 0], part[t, 1], part[t, 2])
+            mean[c] = mu
+            m2[c] = s2
 
 
-def channel_deviations(const floating[:, :, :] x,   # IN  (A, C, B)
-                       const double[::1] mean,      # IN  (C,)
-                       double[::1] acc_dev,         # OUT (C,), added to
-                       double[::1] acc_sq):         # OUT (C,), added to
-    """acc_dev[c] += sum(x - mean[c]); acc_sq[c] += sum((x - mean[c])**2).
-
-    The second pass of the two-pass variance.  acc_dev is zero up to
-    rounding; it feeds the correction term of the "corrected two-pass"
-    algorithm (Chan, Golub & LeVeque 1983).
-    """
-    cdef Tiling t = make_tiling(x.shape[0], x.shape[1], x.shape[2])
-    cdef double[:, ::1] part_dev = partial_buffer(&t)
-    cdef double[:, ::1] part_sq = partial_buffer(&t)
-    cdef Py_ssize_t k, a, c, b
-    cdef Tile s
-    cdef double d, mu, dev, sq
+cdef void stats_columns(const floating[:, :, :] xv, double[::1] mean, double[::1] m2):
+    """Column mode: rows of channels cut into chunks, two-pass each, merged in order."""
+    cdef View x = view_of(xv)
+    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
+    cdef double[:, ::1] part_mean = np.zeros((g.nr, g.C))
+    cdef double[:, ::1] part_m2 = np.zeros((g.nr, g.C))
+    cdef Py_ssize_t k, j, r, r0, r1, c, c0, c1
+    cdef double n, mu, s2
+    cdef floating *kind = NULL
     with nogil:
-        for k in prange(n_tiles(&t), num_threads=n_threads(&t), schedule="static"):
-            s = tile_at(&t, k)
-            for a in range(s.a0, s.a1):
-                for c in range(s.c0, s.c1):
-                    mu = mean[c]
-                    dev = 0.0
-                    sq = 0.0
-                    for b in range(s.b0, s.b1):
-                        d = x[a, c, b] - mu
-                        dev = dev + d
-                        sq = sq + d * d
-                    part_dev[s.row, c] += dev
-                    part_sq[s.row, c] += sq
-        add_partials(part_dev, acc_dev)
-        add_partials(part_sq, acc_sq)
+        for k in prange(g.nr * g.nc, schedule="static",
+                        num_threads=n_threads(g.R * g.C * sizeof(floating), g.nr * g.nc)):
+            j = column_chunk(&g, k, &r0, &r1, &c0, &c1)
+            for r in range(r0, r1):
+                cols_add(at(&x, r // g.B, c0, r % g.B, kind), x.sc, &part_mean[j, c0], c1 - c0)
+            for c in range(c0, c1):
+                part_mean[j, c] = part_mean[j, c] / (r1 - r0)
+            for r in range(r0, r1):  # the chunk is still in cache
+                cols_sq_dev(at(&x, r // g.B, c0, r % g.B, kind), x.sc, &part_mean[j, c0], &part_m2[j, c0], c1 - c0)
+        for c in range(g.C):
+            n = 0
+            mu = 0
+            s2 = 0
+            for j in range(g.nr):
+                chan_merge(&n, &mu, &s2, <double>(min(j * g.tr + g.tr, g.R) - j * g.tr), part_mean[j, c], part_m2[j, c])
+            mean[c] = mu
+            m2[c] = s2
 
 
-# --------------------------------------------------------------------------
-# Elementwise passes
+def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
+                  double[::1] mean,             # OUT (C,)
+                  double[::1] m2):              # OUT (C,) sum of squared deviations
+    """Per-channel mean and M2 of a view (overwrites mean and m2)."""
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    if column_mode(x):
+        stats_columns(x, mean, m2)
+    else:
+        stats_rows(x, mean, m2)
+
+
+# ==========================================================================
+# Normalize: y = (x - mean) * scale + shift
+
+cdef void affine_views(const floating[:, :, :] xv, floating[:, :, :] yv,
+                       const double[::1] mean, const double[::1] scale, const double[::1] shift):
+    cdef View x = view_of(xv)
+    cdef View y = view_of(yv)
+    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
+    cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
+    cdef Py_ssize_t k, c, r, r0, r1, c0, c1, a, a0, a1, b0, b1
+    cdef floating *kind = NULL
+    cdef bint columns = column_mode(xv)
+    with nogil:
+        if columns:
+            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
+                column_chunk(&g, k, &r0, &r1, &c0, &c1)
+                for r in range(r0, r1):
+                    cols_affine(at(&x, r // g.B, c0, r % g.B, kind), x.sc, at(&y, r // g.B, c0, r % g.B, kind), y.sc,
+                                &mean[c0], &scale[c0], &shift[c0], c1 - c0)
+        else:
+            for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
+                c = row_tile(&g, k, &a0, &a1, &b0, &b1)
+                for a in range(a0, a1):
+                    run_affine(at(&x, a, c, b0, kind), x.sb, at(&y, a, c, b0, kind), y.sb, b1 - b0,
+                               mean[c], scale[c], shift[c])
+
 
 def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
               floating[:, :, :] y,           # OUT (A, C, B); may be x itself
               const double[::1] mean,        # IN  (C,)
               const double[::1] scale,       # IN  (C,) gamma * invstd
               const double[::1] shift):      # IN  (C,) beta
-    """y = (x - mean) * scale + shift, per channel.
+    """y = (x - mean) * scale + shift, per channel (inference)."""
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    affine_views(x, y, mean, scale, shift)
 
-    The centred form, not the folded ``x * scale + (shift - mean * scale)``:
-    the folded one cancels catastrophically when |mean| >> std
-    (pytorch#5410), and a constant channel must give exactly ``shift``.
-    """
-    cdef Tiling t = make_tiling(x.shape[0], x.shape[1], x.shape[2])
-    cdef Py_ssize_t k, a, c, b
-    cdef Tile s
-    cdef double mu, sc, sh
+
+cdef inline void finish_channel(double m2, double count, double eps, double gam,
+                                double *var, double *invstd, double *scale) noexcept nogil:
+    """Biased variance, 1 / sqrt(var + eps) and the normalize scale of one channel."""
+    var[0] = m2 / count
+    invstd[0] = 1.0 / sqrt(var[0] + eps)
+    scale[0] = gam * invstd[0]
+
+
+def forward_train(const floating[:, :, :] xv,   # IN  (A, C, B), A * B > 1
+                  floating[:, :, :] yv,         # OUT (A, C, B); may be x itself
+                  const double[::1] gamma,      # IN  (C,)
+                  const double[::1] beta,       # IN  (C,)
+                  double eps,
+                  double[::1] mean,             # OUT (C,)
+                  double[::1] var,              # OUT (C,) biased
+                  double[::1] invstd):          # OUT (C,)
+    """Training forward: batch statistics, then y, in as few passes as fit."""
+    cdef Py_ssize_t A = xv.shape[0], C = xv.shape[1], B = xv.shape[2]
+    cdef double count = <double>(A * B)
+    cdef double[::1] scale
+    cdef View x, y
+    cdef Py_ssize_t c, a
+    cdef double m2, sc
+    cdef floating *kind = NULL
+    if A * B * C == 0:
+        return
+    if column_mode(xv) or A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
+        # no cache reuse possible: a statistics pass, then a normalize pass
+        channel_stats(xv, mean, var)
+        scale = np.empty(C)
+        for c in range(C):
+            finish_channel(var[c], count, eps, gamma[c], &var[c], &invstd[c], &scale[c])
+        affine_views(xv, yv, mean, scale, beta)
+        return
+    # fused: each channel's block is read from memory once, then served from L2
+    x = view_of(xv)
+    y = view_of(yv)
     with nogil:
-        for k in prange(n_tiles(&t), num_threads=n_threads(&t), schedule="static"):
-            s = tile_at(&t, k)
-            for a in range(s.a0, s.a1):
-                for c in range(s.c0, s.c1):
-                    mu = mean[c]
-                    sc = scale[c]
-                    sh = shift[c]
-                    for b in range(s.b0, s.b1):
-                        y[a, c, b] = <floating>((x[a, c, b] - mu) * sc + sh)
+        for c in prange(C, schedule="static", num_threads=n_threads(2 * A * B * C * sizeof(floating), C)):
+            stats_channel_block(&x, c, 0, A, 0, B, &mean[c], &m2, kind)
+            finish_channel(m2, count, eps, gamma[c], &var[c], &invstd[c], &sc)
+            for a in range(A):
+                run_affine(at(&x, a, c, 0, kind), x.sb, at(&y, a, c, 0, kind), y.sb, B, mean[c], sc, beta[c])
 
 
-# --------------------------------------------------------------------------
+# ==========================================================================
 # Gradient
+
+cdef void grad_sums_views(const floating[:, :, :] dyv, const floating[:, :, :] xv, const double[::1] mean,
+                          double[::1] sum_dy, double[::1] sum_dy_xmu):
+    cdef View dy = view_of(dyv)
+    cdef View x = view_of(xv)
+    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
+    cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
+    cdef Py_ssize_t tiles = g.na * g.nb
+    cdef Py_ssize_t k, c, t, j, a, a0, a1, b0, b1, r, r0, r1, c0, c1
+    cdef double s_dy, s_dy_xmu
+    cdef double[:, ::1] part_dy
+    cdef double[:, ::1] part_dy_xmu
+    cdef floating *kind = NULL
+    if column_mode(xv):
+        part_dy = np.zeros((g.nr, g.C))
+        part_dy_xmu = np.zeros((g.nr, g.C))
+        with nogil:
+            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
+                j = column_chunk(&g, k, &r0, &r1, &c0, &c1)
+                for r in range(r0, r1):
+                    cols_grad_sums(at(&dy, r // g.B, c0, r % g.B, kind), dy.sc, at(&x, r // g.B, c0, r % g.B, kind),
+                                   x.sc, &mean[c0], &part_dy[j, c0], &part_dy_xmu[j, c0], c1 - c0)
+            for c in range(g.C):
+                s_dy = 0
+                s_dy_xmu = 0
+                for j in range(g.nr):
+                    s_dy = s_dy + part_dy[j, c]
+                    s_dy_xmu = s_dy_xmu + part_dy_xmu[j, c]
+                sum_dy[c] = s_dy
+                sum_dy_xmu[c] = s_dy_xmu
+        return
+    part_dy = np.zeros((g.C, tiles))
+    part_dy_xmu = np.zeros((g.C, tiles))
+    with nogil:
+        for k in prange(g.C * tiles, schedule="static", num_threads=n_threads(nbytes, g.C * tiles)):
+            c = row_tile(&g, k, &a0, &a1, &b0, &b1)
+            t = k % tiles
+            for a in range(a0, a1):
+                part_dy_xmu[c, t] += run_grad_sums(at(&dy, a, c, b0, kind), dy.sb, at(&x, a, c, b0, kind), x.sb,
+                                                   b1 - b0, mean[c], &part_dy[c, t])
+        for c in range(g.C):
+            s_dy = 0
+            s_dy_xmu = 0
+            for t in range(tiles):
+                s_dy = s_dy + part_dy[c, t]
+                s_dy_xmu = s_dy_xmu + part_dy_xmu[c, t]
+            sum_dy[c] = s_dy
+            sum_dy_xmu[c] = s_dy_xmu
+
+
+cdef void grad_views(const floating[:, :, :] dyv, const floating[:, :, :] xv, floating[:, :, :] dxv,
+                     const double[::1] mean, const double[::1] k_dy, const double[::1] k_xmu,
+                     const double[::1] k_const):
+    cdef View dy = view_of(dyv)
+    cdef View x = view_of(xv)
+    cdef View dx = view_of(dxv)
+    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
+    cdef Py_ssize_t nbytes = 3 * g.R * g.C * sizeof(floating)
+    cdef Py_ssize_t k, c, r, r0, r1, c0, c1, a, a0, a1, b0, b1
+    cdef floating *kind = NULL
+    cdef bint columns = column_mode(xv)
+    with nogil:
+        if columns:
+            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
+                column_chunk(&g, k, &r0, &r1, &c0, &c1)
+                for r in range(r0, r1):
+                    cols_grad(at(&dy, r // g.B, c0, r % g.B, kind), dy.sc, at(&x, r // g.B, c0, r % g.B, kind), x.sc,
+                              at(&dx, r // g.B, c0, r % g.B, kind), dx.sc,
+                              &mean[c0], &k_dy[c0], &k_xmu[c0], &k_const[c0], c1 - c0)
+        else:
+            for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
+                c = row_tile(&g, k, &a0, &a1, &b0, &b1)
+                for a in range(a0, a1):
+                    run_grad(at(&dy, a, c, b0, kind), dy.sb, at(&x, a, c, b0, kind), x.sb,
+                             at(&dx, a, c, b0, kind), dx.sb, b1 - b0, mean[c], k_dy[c], k_xmu[c], k_const[c])
+
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
                     const floating[:, :, :] x,    # IN  (A, C, B)
                     const double[::1] mean,       # IN  (C,)
-                    double[::1] acc_dy,           # OUT (C,), added to
-                    double[::1] acc_dy_xmu):      # OUT (C,), added to
-    """acc_dy[c] += sum(dy); acc_dy_xmu[c] += sum(dy * (x - mean[c]))."""
-    cdef Tiling t = make_tiling(x.shape[0], x.shape[1], x.shape[2])
-    cdef double[:, ::1] part_dy = partial_buffer(&t)
-    cdef double[:, ::1] part_dy_xmu = partial_buffer(&t)
-    cdef Py_ssize_t k, a, c, b
-    cdef Tile s
-    cdef double g, mu, sum_dy, sum_dy_xmu
-    with nogil:
-        for k in prange(n_tiles(&t), num_threads=n_threads(&t), schedule="static"):
-            s = tile_at(&t, k)
-            for a in range(s.a0, s.a1):
-                for c in range(s.c0, s.c1):
-                    mu = mean[c]
-                    sum_dy = 0.0
-                    sum_dy_xmu = 0.0
-                    for b in range(s.b0, s.b1):
-                        g = dy[a, c, b]
-                        sum_dy = sum_dy + g
-                        sum_dy_xmu = sum_dy_xmu + g * (x[a, c, b] - mu)
-                    part_dy[s.row, c] += sum_dy
-                    part_dy_xmu[s.row, c] += sum_dy_xmu
-        add_partials(part_dy, acc_dy)
-        add_partials(part_dy_xmu, acc_dy_xmu)
+                    double[::1] sum_dy,           # OUT (C,)
+                    double[::1] sum_dy_xmu):      # OUT (C,)
+    """sum_dy[c] = sum(dy); sum_dy_xmu[c] = sum(dy * (x - mean[c])) (overwritten)."""
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    grad_sums_views(dy, x, mean, sum_dy, sum_dy_xmu)
 
 
 def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -228,25 +596,63 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
                    const double[::1] k_xmu,      # IN  (C,)
                    const double[::1] k_const):   # IN  (C,)
     """dx = dy * k_dy - (x - mean) * k_xmu - k_const, per channel."""
-    cdef Tiling t = make_tiling(x.shape[0], x.shape[1], x.shape[2])
-    cdef Py_ssize_t k, a, c, b
-    cdef Tile s
-    cdef double mu, kd, kx, k0
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    grad_views(dy, x, dx, mean, k_dy, k_xmu, k_const)
+
+
+cdef inline void grad_coefficients(double s_dy, double s_dy_xmu, double count, double inv, double gam,
+                                   double *k_dy, double *k_xmu, double *k_const) noexcept nogil:
+    """dx = dy * k_dy - (x - mean) * k_xmu - k_const for one channel."""
+    k_dy[0] = gam * inv
+    k_xmu[0] = k_dy[0] * inv * inv * s_dy_xmu / count
+    k_const[0] = k_dy[0] * s_dy / count
+
+
+def backward(const floating[:, :, :] dyv,   # IN  (A, C, B)
+             const floating[:, :, :] xv,    # IN  (A, C, B)
+             floating[:, :, :] dxv,         # OUT (A, C, B); may be dy or x
+             const double[::1] mean,        # IN  (C,)
+             const double[::1] invstd,      # IN  (C,)
+             const double[::1] gamma,       # IN  (C,)
+             double[::1] sum_dy,            # OUT (C,) = dbeta
+             double[::1] sum_dy_xmu):       # OUT (C,) = dgamma / invstd
+    """Training-mode gradient: per-channel sums, then dx, in as few passes as fit."""
+    cdef Py_ssize_t A = xv.shape[0], C = xv.shape[1], B = xv.shape[2]
+    cdef double count = <double>(A * B)
+    cdef double[:, ::1] k
+    cdef View dy, x, dx
+    cdef Py_ssize_t c, a
+    cdef double s_dy, kd, kx, k0
+    cdef floating *kind = NULL
+    if A * B * C == 0:
+        return
+    if column_mode(xv) or 2 * A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
+        grad_sums_views(dyv, xv, mean, sum_dy, sum_dy_xmu)
+        k = np.empty((3, C))
+        for c in range(C):
+            grad_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], gamma[c], &k[0, c], &k[1, c], &k[2, c])
+        grad_views(dyv, xv, dxv, mean, k[0], k[1], k[2])
+        return
+    # fused: a channel's dy and x blocks are read once; dx is computed from L2
+    dy = view_of(dyv)
+    x = view_of(xv)
+    dx = view_of(dxv)
     with nogil:
-        for k in prange(n_tiles(&t), num_threads=n_threads(&t), schedule="static"):
-            s = tile_at(&t, k)
-            for a in range(s.a0, s.a1):
-                for c in range(s.c0, s.c1):
-                    mu = mean[c]
-                    kd = k_dy[c]
-                    kx = k_xmu[c]
-                    k0 = k_const[c]
-                    for b in range(s.b0, s.b1):
-                        dx[a, c, b] = <floating>(
-                            dy[a, c, b] * kd - (x[a, c, b] - mu) * kx - k0)
+        for c in prange(C, schedule="static", num_threads=n_threads(3 * A * B * C * sizeof(floating), C)):
+            s_dy = 0
+            sum_dy_xmu[c] = 0
+            for a in range(A):
+                sum_dy_xmu[c] += run_grad_sums(at(&dy, a, c, 0, kind), dy.sb, at(&x, a, c, 0, kind), x.sb, B,
+                                               mean[c], &s_dy)
+            sum_dy[c] = s_dy
+            grad_coefficients(s_dy, sum_dy_xmu[c], count, invstd[c], gamma[c], &kd, &kx, &k0)
+            for a in range(A):
+                run_grad(at(&dy, a, c, 0, kind), dy.sb, at(&x, a, c, 0, kind), x.sb, at(&dx, a, c, 0, kind), dx.sb,
+                         B, mean[c], kd, kx, k0)
 
 
-# --------------------------------------------------------------------------
+# ==========================================================================
 # Runtime information
 
 def max_threads():

@@ -37,6 +37,9 @@ class Layout:
         self.views = views
         self.n_outer_channel = n_outer_channel
         self.channel_grid = channel_grid
+        # >1 when a channel's values are spread over several blocks, whose
+        # partial results must then be merged
+        self.reduced_blocks = math.prod(views[0].shape[n_outer_channel:-3])
 
     def blocks(self):
         """Yield (channel index, views of one block), in a fixed order."""
