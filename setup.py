@@ -66,7 +66,9 @@ class BuildExtWithOpenMP(build_ext):
 
     def build_extensions(self):
         flags = self._openmp_flags()
-        optimize = ["/O2"] if self.compiler.compiler_type == "msvc" else ["-O3"]
+        # no FMA contraction: every instruction-set clone of the loops
+        # (src_c/cbn_loops.h) then rounds identically
+        optimize = ["/O2"] if self.compiler.compiler_type == "msvc" else ["-O3", "-ffp-contract=off"]
         for ext in self.extensions:
             ext.extra_compile_args = [*optimize, *ext.extra_compile_args]
             if flags:
@@ -80,7 +82,7 @@ extensions = [
         "cbn._kernels",
         sources=["cbn/_kernels.pyx"],
         include_dirs=["src_c"],
-        depends=["src_c/cbn_openmp.h"],
+        depends=["src_c/cbn_openmp.h", "src_c/cbn_loops.h", "src_c/cbn_loops_t.h"],
     )
 ]
 

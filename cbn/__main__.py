@@ -1,19 +1,29 @@
-"""Command line: ``python -m cbn info`` and ``python -m cbn quickstart``."""
+"""Command line: ``python -m cbn info | quickstart | bench [options]``."""
 import argparse
 import runpy
+import sys
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="python -m cbn", description="cbn: batch normalization for NumPy")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print version, OpenMP, threads, NumPy and GPU status")
     commands.add_parser("quickstart", help="run the README's quick start")
-    args = parser.parse_args(argv)
+    commands.add_parser("bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
 
+    if args.command == "bench":
+        from . import _bench
+
+        _bench.main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "info":
-        import cbn
+        from . import show_config
 
-        cbn.show_config()
+        show_config()
     elif args.command == "quickstart":
         runpy.run_module("cbn._quickstart", run_name="__main__")
 

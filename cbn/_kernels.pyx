@@ -19,7 +19,8 @@ Two traversals, chosen from x's strides:
 Every cut depends on the shape only, never on the thread count, and partial
 results are merged in a fixed order: the bits do not depend on the number of
 threads.  Variances are two-pass within a cached block and merged with Chan's
-formula, never E[x^2] - E[x]^2.
+formula, never E[x^2] - E[x]^2.  The inner loops over contiguous runs are C
+(``src_c/cbn_loops_t.h``), compiled for several instruction sets.
 """
 import numpy as np
 
@@ -39,193 +40,137 @@ cdef Py_ssize_t FUSE_BYTES = 1 << 20
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Below this much data a parallel region costs more than it saves.
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
+cdef Py_ssize_t COLUMN_ROWS = 256
 
 
 # ==========================================================================
-# Loops over one contiguous-or-strided run of values (the inner loops)
-#
-# A stride of 1 takes a loop the compiler vectorizes.  Reductions keep LANES
-# independent accumulators, added up in a fixed tree at the end: enough
-# independent chains to hide the add latency, and the same summation order on
-# any CPU and any vector width.
+# Inner loops (src_c/cbn_loops_t.h, compiled per instruction set): one fused
+# front per loop picks the float or double instance.
 
-cdef enum:
-    LANES = 16
-
-
-cdef inline double tree_sum(const double *acc) noexcept nogil:
-    """Sum of acc[0:LANES] in a fixed pairwise order."""
-    cdef double s8[8]
-    cdef double s4[4]
-    cdef int j
-    for j in range(8):
-        s8[j] = acc[j] + acc[j + 8]
-    for j in range(4):
-        s4[j] = s8[j] + s8[j + 4]
-    return (s4[0] + s4[2]) + (s4[1] + s4[3])
+cdef extern from "cbn_loops.h" nogil:
+    double run_sum_f "cbn_run_sum_f"(const float *x, Py_ssize_t n, Py_ssize_t s)
+    double run_sum_d "cbn_run_sum_d"(const double *x, Py_ssize_t n, Py_ssize_t s)
+    double run_sq_dev_f "cbn_run_sq_dev_f"(const float *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev)
+    double run_sq_dev_d "cbn_run_sq_dev_d"(const double *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev)
+    void run_affine_f "cbn_run_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, Py_ssize_t n,
+                                         double mu, double scale, double shift)
+    void run_affine_d "cbn_run_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, Py_ssize_t n,
+                                         double mu, double scale, double shift)
+    double run_grad_sums_f "cbn_run_grad_sums_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx,
+                                                 Py_ssize_t n, double mu, double *sum_dy)
+    double run_grad_sums_d "cbn_run_grad_sums_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx,
+                                                 Py_ssize_t n, double mu, double *sum_dy)
+    void run_grad_f "cbn_run_grad_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx, float *dx,
+                                     Py_ssize_t so, Py_ssize_t n, double mu, double k_dy, double k_xmu, double k_const)
+    void run_grad_d "cbn_run_grad_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx, double *dx,
+                                     Py_ssize_t so, Py_ssize_t n, double mu, double k_dy, double k_xmu, double k_const)
+    void cols_add_f "cbn_cols_add_f"(const float *x, Py_ssize_t s, double *acc, Py_ssize_t n)
+    void cols_add_d "cbn_cols_add_d"(const double *x, Py_ssize_t s, double *acc, Py_ssize_t n)
+    void cols_sq_dev_f "cbn_cols_sq_dev_f"(const float *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
+    void cols_sq_dev_d "cbn_cols_sq_dev_d"(const double *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
+    void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, const double *mu,
+                                           const double *scale, const double *shift, Py_ssize_t n)
+    void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, const double *mu,
+                                           const double *scale, const double *shift, Py_ssize_t n)
+    void cols_grad_sums_f "cbn_cols_grad_sums_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx,
+                                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
+    void cols_grad_sums_d "cbn_cols_grad_sums_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx,
+                                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
+    void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx, float *dx,
+                                       Py_ssize_t so, const double *mu, const double *k_dy, const double *k_xmu,
+                                       const double *k_const, Py_ssize_t n)
+    void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx, double *dx,
+                                       Py_ssize_t so, const double *mu, const double *k_dy, const double *k_xmu,
+                                       const double *k_const, Py_ssize_t n)
 
 
 cdef inline double run_sum(const floating *x, Py_ssize_t n, Py_ssize_t s) noexcept nogil:
-    cdef double acc[LANES]
-    cdef Py_ssize_t i = 0
-    cdef int j
-    for j in range(LANES):
-        acc[j] = 0
-    if s == 1:
-        while i + LANES <= n:
-            for j in range(LANES):
-                acc[j] += x[i + j]
-            i += LANES
-    while i < n:
-        acc[0] += x[i * s]
-        i += 1
-    return tree_sum(acc)
+    """sum(x)"""
+    if floating is float:
+        return run_sum_f(x, n, s)
+    else:
+        return run_sum_d(x, n, s)
 
 
 cdef inline double run_sq_dev(const floating *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev) noexcept nogil:
-    """Returns sum((x - mu)**2); adds sum(x - mu) to dev[0]."""
-    cdef double acc_dev[LANES]
-    cdef double acc_sq[LANES]
-    cdef double d
-    cdef Py_ssize_t i = 0
-    cdef int j
-    for j in range(LANES):
-        acc_dev[j] = 0
-        acc_sq[j] = 0
-    if s == 1:
-        while i + LANES <= n:
-            for j in range(LANES):
-                d = x[i + j] - mu
-                acc_dev[j] += d
-                acc_sq[j] += d * d
-            i += LANES
-    while i < n:
-        d = x[i * s] - mu
-        acc_dev[0] += d
-        acc_sq[0] += d * d
-        i += 1
-    dev[0] += tree_sum(acc_dev)
-    return tree_sum(acc_sq)
+    """sum((x - mu)**2); adds sum(x - mu) to dev[0]"""
+    if floating is float:
+        return run_sq_dev_f(x, n, s, mu, dev)
+    else:
+        return run_sq_dev_d(x, n, s, mu, dev)
 
 
 cdef inline void run_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, Py_ssize_t n,
                             double mu, double scale, double shift) noexcept nogil:
-    """y = (x - mu) * scale + shift: centred, so a constant run gives exactly shift."""
-    cdef Py_ssize_t i
-    if sx == 1 and sy == 1:
-        for i in range(n):
-            y[i] = <floating>((x[i] - mu) * scale + shift)
+    """y = (x - mu) * scale + shift"""
+    if floating is float:
+        run_affine_f(x, sx, y, sy, n, mu, scale, shift)
     else:
-        for i in range(n):
-            y[i * sy] = <floating>((x[i * sx] - mu) * scale + shift)
+        run_affine_d(x, sx, y, sy, n, mu, scale, shift)
 
 
 cdef inline double run_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx, Py_ssize_t n,
                                  double mu, double *sum_dy) noexcept nogil:
-    """Returns sum(dy * (x - mu)); adds sum(dy) to sum_dy[0]."""
-    cdef double acc_dy[LANES]
-    cdef double acc_dy_xmu[LANES]
-    cdef double g
-    cdef Py_ssize_t i = 0
-    cdef int j
-    for j in range(LANES):
-        acc_dy[j] = 0
-        acc_dy_xmu[j] = 0
-    if sd == 1 and sx == 1:
-        while i + LANES <= n:
-            for j in range(LANES):
-                g = dy[i + j]
-                acc_dy[j] += g
-                acc_dy_xmu[j] += g * (x[i + j] - mu)
-            i += LANES
-    while i < n:
-        g = dy[i * sd]
-        acc_dy[0] += g
-        acc_dy_xmu[0] += g * (x[i * sx] - mu)
-        i += 1
-    sum_dy[0] += tree_sum(acc_dy)
-    return tree_sum(acc_dy_xmu)
+    """sum(dy * (x - mu)); adds sum(dy) to sum_dy[0]"""
+    if floating is float:
+        return run_grad_sums_f(dy, sd, x, sx, n, mu, sum_dy)
+    else:
+        return run_grad_sums_d(dy, sd, x, sx, n, mu, sum_dy)
 
 
 cdef inline void run_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
                           floating *dx, Py_ssize_t so, Py_ssize_t n,
                           double mu, double k_dy, double k_xmu, double k_const) noexcept nogil:
-    """dx = dy * k_dy - (x - mu) * k_xmu - k_const."""
-    cdef Py_ssize_t i
-    if sd == 1 and sx == 1 and so == 1:
-        for i in range(n):
-            dx[i] = <floating>(dy[i] * k_dy - (x[i] - mu) * k_xmu - k_const)
+    """dx = dy * k_dy - (x - mu) * k_xmu - k_const"""
+    if floating is float:
+        run_grad_f(dy, sd, x, sx, dx, so, n, mu, k_dy, k_xmu, k_const)
     else:
-        for i in range(n):
-            dx[i * so] = <floating>(dy[i * sd] * k_dy - (x[i * sx] - mu) * k_xmu - k_const)
+        run_grad_d(dy, sd, x, sx, dx, so, n, mu, k_dy, k_xmu, k_const)
 
 
 cdef inline void cols_add(const floating *x, Py_ssize_t s, double *acc, Py_ssize_t n) noexcept nogil:
-    """acc[i] += x[i]: one row of channels into per-channel sums."""
-    cdef Py_ssize_t i
-    if s == 1:
-        for i in range(n):
-            acc[i] += x[i]
+    """acc[i] += x[i]"""
+    if floating is float:
+        cols_add_f(x, s, acc, n)
     else:
-        for i in range(n):
-            acc[i] += x[i * s]
+        cols_add_d(x, s, acc, n)
 
 
 cdef inline void cols_sq_dev(const floating *x, Py_ssize_t s, const double *mu, double *acc,
                              Py_ssize_t n) noexcept nogil:
-    """acc[i] += (x[i] - mu[i])**2."""
-    cdef Py_ssize_t i
-    cdef double d
-    if s == 1:
-        for i in range(n):
-            d = x[i] - mu[i]
-            acc[i] += d * d
+    """acc[i] += (x[i] - mu[i])**2"""
+    if floating is float:
+        cols_sq_dev_f(x, s, mu, acc, n)
     else:
-        for i in range(n):
-            d = x[i * s] - mu[i]
-            acc[i] += d * d
+        cols_sq_dev_d(x, s, mu, acc, n)
 
 
 cdef inline void cols_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, const double *mu,
                              const double *scale, const double *shift, Py_ssize_t n) noexcept nogil:
-    """y[i] = (x[i] - mu[i]) * scale[i] + shift[i]."""
-    cdef Py_ssize_t i
-    if sx == 1 and sy == 1:
-        for i in range(n):
-            y[i] = <floating>((x[i] - mu[i]) * scale[i] + shift[i])
+    """y[i] = (x[i] - mu[i]) * scale[i] + shift[i]"""
+    if floating is float:
+        cols_affine_f(x, sx, y, sy, mu, scale, shift, n)
     else:
-        for i in range(n):
-            y[i * sy] = <floating>((x[i * sx] - mu[i]) * scale[i] + shift[i])
+        cols_affine_d(x, sx, y, sy, mu, scale, shift, n)
 
 
 cdef inline void cols_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n) noexcept nogil:
-    """sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i])."""
-    cdef Py_ssize_t i
-    cdef double g
-    if sd == 1 and sx == 1:
-        for i in range(n):
-            g = dy[i]
-            sum_dy[i] += g
-            sum_dy_xmu[i] += g * (x[i] - mu[i])
+    """sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i])"""
+    if floating is float:
+        cols_grad_sums_f(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
     else:
-        for i in range(n):
-            g = dy[i * sd]
-            sum_dy[i] += g
-            sum_dy_xmu[i] += g * (x[i * sx] - mu[i])
+        cols_grad_sums_d(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
 
 
 cdef inline void cols_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
                            floating *dx, Py_ssize_t so, const double *mu, const double *k_dy,
                            const double *k_xmu, const double *k_const, Py_ssize_t n) noexcept nogil:
-    """dx[i] = dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i]."""
-    cdef Py_ssize_t i
-    if sd == 1 and sx == 1 and so == 1:
-        for i in range(n):
-            dx[i] = <floating>(dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i])
+    """dx[i] = dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i]"""
+    if floating is float:
+        cols_grad_f(dy, sd, x, sx, dx, so, mu, k_dy, k_xmu, k_const, n)
     else:
-        for i in range(n):
-            dx[i * so] = <floating>(dy[i * sd] * k_dy[i] - (x[i * sx] - mu[i]) * k_xmu[i] - k_const[i])
+        cols_grad_d(dy, sd, x, sx, dx, so, mu, k_dy, k_xmu, k_const, n)
 
 
 # ==========================================================================
@@ -290,32 +235,48 @@ cdef Grid make_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t chunk) 
     g.ta = max(1, min(A, chunk // g.tb))
     g.na = ceil_div(A, g.ta)
     g.nb = ceil_div(B, g.tb)
-    g.tc = max(1, min(C, chunk))
+    # column mode: at least COLUMN_ROWS rows per chunk, so that the partial
+    # results (one per channel and chunk) stay small next to the data
+    g.tc = max(1, min(C, chunk // COLUMN_ROWS))
     g.tr = max(1, min(g.R, chunk // g.tc))
     g.nr = ceil_div(g.R, g.tr)
     g.nc = ceil_div(C, g.tc)
     return g
 
 
-cdef inline Py_ssize_t row_tile(const Grid *g, Py_ssize_t k, Py_ssize_t *a0, Py_ssize_t *a1,
-                                Py_ssize_t *b0, Py_ssize_t *b1) noexcept nogil:
-    """Bounds of row-mode task k (channel-major); returns its channel."""
-    cdef Py_ssize_t t = k % (g.na * g.nb)
-    a0[0] = (t // g.nb) * g.ta
-    a1[0] = min(a0[0] + g.ta, g.A)
-    b0[0] = (t % g.nb) * g.tb
-    b1[0] = min(b0[0] + g.tb, g.B)
-    return k // (g.na * g.nb)
+# Prange bodies take their bounds as a struct assigned per iteration, which
+# Cython makes thread-private (a variable only written through a pointer
+# would be shared between threads).
+
+cdef struct RowTile:
+    Py_ssize_t c, a0, a1, b0, b1
 
 
-cdef inline Py_ssize_t column_chunk(const Grid *g, Py_ssize_t k, Py_ssize_t *r0, Py_ssize_t *r1,
-                                    Py_ssize_t *c0, Py_ssize_t *c1) noexcept nogil:
-    """Bounds of column-mode task k (row-chunk-major); returns its row chunk."""
-    r0[0] = (k // g.nc) * g.tr
-    r1[0] = min(r0[0] + g.tr, g.R)
-    c0[0] = (k % g.nc) * g.tc
-    c1[0] = min(c0[0] + g.tc, g.C)
-    return k // g.nc
+cdef struct ColumnChunk:
+    Py_ssize_t j, r0, r1, c0, c1
+
+
+cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
+    """Row-mode task k (channel-major): channel c, rows a0:a1, values b0:b1."""
+    cdef RowTile t
+    cdef Py_ssize_t i = k % (g.na * g.nb)
+    t.c = k // (g.na * g.nb)
+    t.a0 = (i // g.nb) * g.ta
+    t.a1 = min(t.a0 + g.ta, g.A)
+    t.b0 = (i % g.nb) * g.tb
+    t.b1 = min(t.b0 + g.tb, g.B)
+    return t
+
+
+cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil:
+    """Column-mode task k (row-chunk-major): row chunk j = rows r0:r1, channels c0:c1."""
+    cdef ColumnChunk t
+    t.j = k // g.nc
+    t.r0 = t.j * g.tr
+    t.r1 = min(t.r0 + g.tr, g.R)
+    t.c0 = (k % g.nc) * g.tc
+    t.c1 = min(t.c0 + g.tc, g.C)
+    return t
 
 
 # ==========================================================================
@@ -355,15 +316,17 @@ cdef void stats_rows(const floating[:, :, :] xv, double[::1] mean, double[::1] m
     cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
     cdef Py_ssize_t tiles = g.na * g.nb
     cdef double[:, ::1] part = np.empty((g.C * tiles, 3))   # count, mean, M2 per tile
-    cdef Py_ssize_t k, c, t, a0, a1, b0, b1
+    cdef RowTile tile
+    cdef Py_ssize_t k, c, t
     cdef double n, mu, s2
     cdef floating *kind = NULL
     with nogil:
         for k in prange(g.C * tiles, schedule="static",
                         num_threads=n_threads(g.R * g.C * sizeof(floating), g.C * tiles)):
-            c = row_tile(&g, k, &a0, &a1, &b0, &b1)
-            part[k, 0] = <double>((a1 - a0) * (b1 - b0))
-            stats_channel_block(&x, c, a0, a1, b0, b1, &part[k, 1], &part[k, 2], kind)
+            tile = row_tile(&g, k)
+            c = tile.c
+            part[k, 0] = <double>((tile.a1 - tile.a0) * (tile.b1 - tile.b0))
+            stats_channel_block(&x, c, tile.a0, tile.a1, tile.b0, tile.b1, &part[k, 1], &part[k, 2], kind)
         for c in range(g.C):
             n = 0
             mu = 0
@@ -380,19 +343,21 @@ cdef void stats_columns(const floating[:, :, :] xv, double[::1] mean, double[::1
     cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
     cdef double[:, ::1] part_mean = np.zeros((g.nr, g.C))
     cdef double[:, ::1] part_m2 = np.zeros((g.nr, g.C))
-    cdef Py_ssize_t k, j, r, r0, r1, c, c0, c1
+    cdef ColumnChunk chunk
+    cdef Py_ssize_t k, j, r, c
     cdef double n, mu, s2
     cdef floating *kind = NULL
     with nogil:
         for k in prange(g.nr * g.nc, schedule="static",
                         num_threads=n_threads(g.R * g.C * sizeof(floating), g.nr * g.nc)):
-            j = column_chunk(&g, k, &r0, &r1, &c0, &c1)
-            for r in range(r0, r1):
-                cols_add(at(&x, r // g.B, c0, r % g.B, kind), x.sc, &part_mean[j, c0], c1 - c0)
-            for c in range(c0, c1):
-                part_mean[j, c] = part_mean[j, c] / (r1 - r0)
-            for r in range(r0, r1):  # the chunk is still in cache
-                cols_sq_dev(at(&x, r // g.B, c0, r % g.B, kind), x.sc, &part_mean[j, c0], &part_m2[j, c0], c1 - c0)
+            chunk = column_chunk(&g, k)
+            j = chunk.j
+            for r in range(chunk.r0, chunk.r1):
+                cols_add(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, &part_mean[j, chunk.c0], chunk.c1 - chunk.c0)
+            for c in range(chunk.c0, chunk.c1):
+                part_mean[j, c] = part_mean[j, c] / (chunk.r1 - chunk.r0)
+            for r in range(chunk.r0, chunk.r1):  # the chunk is still in cache
+                cols_sq_dev(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, &part_mean[j, chunk.c0], &part_m2[j, chunk.c0], chunk.c1 - chunk.c0)
         for c in range(g.C):
             n = 0
             mu = 0
@@ -424,21 +389,24 @@ cdef void affine_views(const floating[:, :, :] xv, floating[:, :, :] yv,
     cdef View y = view_of(yv)
     cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
     cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
-    cdef Py_ssize_t k, c, r, r0, r1, c0, c1, a, a0, a1, b0, b1
+    cdef RowTile tile
+    cdef ColumnChunk chunk
+    cdef Py_ssize_t k, c, r, a
     cdef floating *kind = NULL
     cdef bint columns = column_mode(xv)
     with nogil:
         if columns:
             for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                column_chunk(&g, k, &r0, &r1, &c0, &c1)
-                for r in range(r0, r1):
-                    cols_affine(at(&x, r // g.B, c0, r % g.B, kind), x.sc, at(&y, r // g.B, c0, r % g.B, kind), y.sc,
-                                &mean[c0], &scale[c0], &shift[c0], c1 - c0)
+                chunk = column_chunk(&g, k)
+                for r in range(chunk.r0, chunk.r1):
+                    cols_affine(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, at(&y, r // g.B, chunk.c0, r % g.B, kind), y.sc,
+                                &mean[chunk.c0], &scale[chunk.c0], &shift[chunk.c0], chunk.c1 - chunk.c0)
         else:
             for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
-                c = row_tile(&g, k, &a0, &a1, &b0, &b1)
-                for a in range(a0, a1):
-                    run_affine(at(&x, a, c, b0, kind), x.sb, at(&y, a, c, b0, kind), y.sb, b1 - b0,
+                tile = row_tile(&g, k)
+                c = tile.c
+                for a in range(tile.a0, tile.a1):
+                    run_affine(at(&x, a, c, tile.b0, kind), x.sb, at(&y, a, c, tile.b0, kind), y.sb, tile.b1 - tile.b0,
                                mean[c], scale[c], shift[c])
 
 
@@ -492,6 +460,8 @@ def forward_train(const floating[:, :, :] xv,   # IN  (A, C, B), A * B > 1
     y = view_of(yv)
     with nogil:
         for c in prange(C, schedule="static", num_threads=n_threads(2 * A * B * C * sizeof(floating), C)):
+            m2 = 0  # assigned here so that Cython makes it thread-private
+            sc = 0
             stats_channel_block(&x, c, 0, A, 0, B, &mean[c], &m2, kind)
             finish_channel(m2, count, eps, gamma[c], &var[c], &invstd[c], &sc)
             for a in range(A):
@@ -508,7 +478,9 @@ cdef void grad_sums_views(const floating[:, :, :] dyv, const floating[:, :, :] x
     cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
     cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
     cdef Py_ssize_t tiles = g.na * g.nb
-    cdef Py_ssize_t k, c, t, j, a, a0, a1, b0, b1, r, r0, r1, c0, c1
+    cdef RowTile tile
+    cdef ColumnChunk chunk
+    cdef Py_ssize_t k, c, t, j, a, r
     cdef double s_dy, s_dy_xmu
     cdef double[:, ::1] part_dy
     cdef double[:, ::1] part_dy_xmu
@@ -518,10 +490,11 @@ cdef void grad_sums_views(const floating[:, :, :] dyv, const floating[:, :, :] x
         part_dy_xmu = np.zeros((g.nr, g.C))
         with nogil:
             for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                j = column_chunk(&g, k, &r0, &r1, &c0, &c1)
-                for r in range(r0, r1):
-                    cols_grad_sums(at(&dy, r // g.B, c0, r % g.B, kind), dy.sc, at(&x, r // g.B, c0, r % g.B, kind),
-                                   x.sc, &mean[c0], &part_dy[j, c0], &part_dy_xmu[j, c0], c1 - c0)
+                chunk = column_chunk(&g, k)
+                j = chunk.j
+                for r in range(chunk.r0, chunk.r1):
+                    cols_grad_sums(at(&dy, r // g.B, chunk.c0, r % g.B, kind), dy.sc, at(&x, r // g.B, chunk.c0, r % g.B, kind),
+                                   x.sc, &mean[chunk.c0], &part_dy[j, chunk.c0], &part_dy_xmu[j, chunk.c0], chunk.c1 - chunk.c0)
             for c in range(g.C):
                 s_dy = 0
                 s_dy_xmu = 0
@@ -535,11 +508,12 @@ cdef void grad_sums_views(const floating[:, :, :] dyv, const floating[:, :, :] x
     part_dy_xmu = np.zeros((g.C, tiles))
     with nogil:
         for k in prange(g.C * tiles, schedule="static", num_threads=n_threads(nbytes, g.C * tiles)):
-            c = row_tile(&g, k, &a0, &a1, &b0, &b1)
+            tile = row_tile(&g, k)
+            c = tile.c
             t = k % tiles
-            for a in range(a0, a1):
-                part_dy_xmu[c, t] += run_grad_sums(at(&dy, a, c, b0, kind), dy.sb, at(&x, a, c, b0, kind), x.sb,
-                                                   b1 - b0, mean[c], &part_dy[c, t])
+            for a in range(tile.a0, tile.a1):
+                part_dy_xmu[c, t] += run_grad_sums(at(&dy, a, c, tile.b0, kind), dy.sb, at(&x, a, c, tile.b0, kind), x.sb,
+                                                   tile.b1 - tile.b0, mean[c], &part_dy[c, t])
         for c in range(g.C):
             s_dy = 0
             s_dy_xmu = 0
@@ -558,23 +532,26 @@ cdef void grad_views(const floating[:, :, :] dyv, const floating[:, :, :] xv, fl
     cdef View dx = view_of(dxv)
     cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
     cdef Py_ssize_t nbytes = 3 * g.R * g.C * sizeof(floating)
-    cdef Py_ssize_t k, c, r, r0, r1, c0, c1, a, a0, a1, b0, b1
+    cdef RowTile tile
+    cdef ColumnChunk chunk
+    cdef Py_ssize_t k, c, r, a
     cdef floating *kind = NULL
     cdef bint columns = column_mode(xv)
     with nogil:
         if columns:
             for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                column_chunk(&g, k, &r0, &r1, &c0, &c1)
-                for r in range(r0, r1):
-                    cols_grad(at(&dy, r // g.B, c0, r % g.B, kind), dy.sc, at(&x, r // g.B, c0, r % g.B, kind), x.sc,
-                              at(&dx, r // g.B, c0, r % g.B, kind), dx.sc,
-                              &mean[c0], &k_dy[c0], &k_xmu[c0], &k_const[c0], c1 - c0)
+                chunk = column_chunk(&g, k)
+                for r in range(chunk.r0, chunk.r1):
+                    cols_grad(at(&dy, r // g.B, chunk.c0, r % g.B, kind), dy.sc, at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc,
+                              at(&dx, r // g.B, chunk.c0, r % g.B, kind), dx.sc,
+                              &mean[chunk.c0], &k_dy[chunk.c0], &k_xmu[chunk.c0], &k_const[chunk.c0], chunk.c1 - chunk.c0)
         else:
             for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
-                c = row_tile(&g, k, &a0, &a1, &b0, &b1)
-                for a in range(a0, a1):
-                    run_grad(at(&dy, a, c, b0, kind), dy.sb, at(&x, a, c, b0, kind), x.sb,
-                             at(&dx, a, c, b0, kind), dx.sb, b1 - b0, mean[c], k_dy[c], k_xmu[c], k_const[c])
+                tile = row_tile(&g, k)
+                c = tile.c
+                for a in range(tile.a0, tile.a1):
+                    run_grad(at(&dy, a, c, tile.b0, kind), dy.sb, at(&x, a, c, tile.b0, kind), x.sb,
+                             at(&dx, a, c, tile.b0, kind), dx.sb, tile.b1 - tile.b0, mean[c], k_dy[c], k_xmu[c], k_const[c])
 
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -640,7 +617,8 @@ def backward(const floating[:, :, :] dyv,   # IN  (A, C, B)
     dx = view_of(dxv)
     with nogil:
         for c in prange(C, schedule="static", num_threads=n_threads(3 * A * B * C * sizeof(floating), C)):
-            s_dy = 0
+            s_dy = 0  # scalars assigned here are thread-private
+            kd = kx = k0 = 0
             sum_dy_xmu[c] = 0
             for a in range(A):
                 sum_dy_xmu[c] += run_grad_sums(at(&dy, a, c, 0, kind), dy.sb, at(&x, a, c, 0, kind), x.sb, B,

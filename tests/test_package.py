@@ -69,3 +69,22 @@ def test_public_functions_have_numpydoc_sections():
     for func in (cbn.batch_norm, cbn.batch_norm_forward, cbn.batch_norm_backward, cbn.batch_stats):
         for section in ("Parameters", "Returns", "Examples"):
             assert section in func.__doc__, (func.__name__, section)
+
+
+def test_bench_measures_every_op_against_the_copy(tmp_path):
+    from cbn import _bench
+
+    records = _bench.run([("tiny", (8, 3, 5), 1)], [np.float32], [1], repeat=1, progress=False)
+    assert {r["op"] for r in records} == set(_bench.OPS)
+    for r in records:
+        assert r["copy_s"] > 0 and r["cbn_s"] > 0 and r["reference_s"] > 0
+    path = tmp_path / "bench.json"
+    _bench.main(["--quick", "--threads", "1", "--dtype", "float64", "--repeat", "1", "--json", str(path)])
+    assert path.exists()
+
+
+def test_bench_sweep_spans_1e3_to_1e8_elements():
+    from cbn import _bench
+
+    sizes = [np.prod(shape) for _, shape, _ in _bench.sweep_cases()]
+    assert sizes[0] >= 1e3 and 0.9e8 <= sizes[-1] <= 1.1e8

@@ -278,26 +278,32 @@ def test_forward_updates_running_stats_too(rng):
 # threads
 
 
+# Each reaches a different kernel path: fused per-channel blocks, column mode
+# (channels innermost), chunked large channels, and the NC column case.
+THREAD_CASES = [((16, 8, 32, 33), 1), ((16, 8, 32, 33), -1), ((4, 3, 300, 301), 1), ((3001, 70), 1)]
+
+
 @pytest.mark.parametrize("layout", ["C", "F", "strided", "transposed"])
-@pytest.mark.parametrize("axis", [1, -1])
-def test_results_do_not_depend_on_thread_count(layout, axis):
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-axis{c[1]}")
+def test_results_do_not_depend_on_thread_count(case, layout):
+    """Bitwise the same for 1, 2, 3 and 4 threads, and from run to run."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    shape, axis = case
     rng = np.random.default_rng(7)
-    shape = (16, 8, 32, 33)  # large enough to run in parallel
     x = make_layout(random_array(rng, shape, np.float32, offset=10.0), layout)
     dy = make_layout(random_array(rng, shape, np.float32), layout)
 
     def run():
         y, mean, invstd = cbn.batch_norm_forward(x, channel_axis=axis)
-        return (y, mean, invstd, *cbn.batch_norm_backward(dy, x, mean, invstd, channel_axis=axis))
+        mean_b, var_b = cbn.batch_stats(x, channel_axis=axis)
+        return (y, mean, invstd, mean_b, var_b, *cbn.batch_norm_backward(dy, x, mean, invstd, channel_axis=axis))
 
-    results = {}
-    for n in (1, 2, 3):
+    with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+        expected = run()
+    for n in (1, 2, 3, 4):
         with threadpoolctl.threadpool_limits(n, user_api="openmp"):
-            results[n] = run()
-    for n in (2, 3):
-        for a, b in zip(results[1], results[n]):
-            np.testing.assert_array_equal(a, b)
+            for got, want in zip(run(), expected):
+                np.testing.assert_array_equal(got, want)
 
 
 def test_threadpoolctl_controls_cbn_threads():
