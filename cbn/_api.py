@@ -94,48 +94,66 @@ def _normalize(x, y, axes, mean, scale, shift):
         _kernels.normalize(xb, yb, mean[c], scale[c], shift[c])
 
 
+_NONE = np.empty(0)  # "no gamma / no beta" for the kernels
+
+
+def _per_block(rows, grid):
+    """Per-channel rows for the kernels: shape (*grid[:-1], n, C), C-contiguous per block."""
+    return np.ascontiguousarray(np.moveaxis(np.reshape(rows, (len(rows), *grid)), 0, -2))
+
+
+def _from_blocks(per, cshape):
+    """Inverse of _per_block: (n, *cshape)."""
+    return np.moveaxis(per, -2, 0).reshape((per.shape[-2], *cshape))
+
+
 def _train(x, y, axes, cshape, count, gamma, beta, eps):
-    """Training forward into y; returns per-channel float64 (mean, var, invstd)."""
-    mean, var, invstd = np.empty(cshape), np.empty(cshape), np.empty(cshape)
+    """Training forward into y; returns float64 (3, *cshape): mean, var, invstd."""
     if x.size == 0:
-        return mean, var, invstd
+        return np.empty((3, *cshape))
     layout = plan([x, y], axes)
+    grid = layout.channel_grid
     if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
-        grid = layout.channel_grid
-        g, b, m, v, s = (p.reshape(grid) for p in (gamma, beta, mean, var, invstd))
+        per = np.empty((*grid[:-1], 3, grid[-1]))
+        g = _NONE if gamma is None else gamma.reshape(grid)
+        b = _NONE if beta is None else beta.reshape(grid)
         for c, (xb, yb) in layout.blocks():
-            _kernels.forward_train(xb, yb, g[c], b[c], eps, m[c], v[c], s[c])
-        return mean, var, invstd
-    mean, m2 = _channel_stats(x, axes, cshape)
-    var[...] = m2 / count
-    invstd[...] = _invstd(var, eps)
-    _normalize(x, y, axes, mean, gamma * invstd, beta)
-    return mean, var, invstd
+            _kernels.forward_train(xb, yb, g if gamma is None else g[c], b if beta is None else b[c], eps, per[c])
+        return _from_blocks(per, cshape)
+    stats = np.empty((3, *cshape))
+    stats[0], m2 = _channel_stats(x, axes, cshape)
+    stats[1] = m2 / count
+    stats[2] = _invstd(stats[1], eps)
+    scale = stats[2] if gamma is None else stats[2] * gamma
+    _normalize(x, y, axes, stats[0], scale, np.zeros(cshape) if beta is None else beta)
+    return stats
 
 
 def _backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
-    """Gradient into dx; returns per-channel float64 (sum(dy), sum(dy * (x - mean)))."""
-    sum_dy, sum_dy_xmu = np.zeros(cshape), np.zeros(cshape)
+    """Gradient into dx; returns float64 (2, *cshape): sum(dy), sum(dy * (x - mean))."""
     if x.size == 0:
-        return sum_dy, sum_dy_xmu
+        return np.zeros((2, *cshape))
     layout = plan([dy, x, dx], axes)
     grid = layout.channel_grid
-    m, s, g, sd, sdx = (p.reshape(grid) for p in (mean, invstd, gamma, sum_dy, sum_dy_xmu))
     if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
+        params = _per_block([mean, invstd, gamma], grid)
+        sums = np.empty((*grid[:-1], 2, grid[-1]))
         for c, (dyb, xb, dxb) in layout.blocks():
-            _kernels.backward(dyb, xb, dxb, m[c], s[c], g[c], sd[c], sdx[c])
-        return sum_dy, sum_dy_xmu
+            _kernels.backward(dyb, xb, dxb, params[c], sums[c])
+        return _from_blocks(sums, cshape)
+    mean_g = mean.reshape(grid)
+    sum_dy, sum_dy_xmu = np.zeros(grid), np.zeros(grid)
     block_dy, block_dy_xmu = np.empty(grid[-1]), np.empty(grid[-1])
     for c, (dyb, xb, _) in layout.blocks():
-        _kernels.backward_reduce(dyb, xb, m[c], block_dy, block_dy_xmu)
-        sd[c] += block_dy
-        sdx[c] += block_dy_xmu
-    k_dy = g * s
-    k_xmu = k_dy * s * s * sdx / count
-    k_const = k_dy * sd / count
+        _kernels.backward_reduce(dyb, xb, mean_g[c], block_dy, block_dy_xmu)
+        sum_dy[c] += block_dy
+        sum_dy_xmu[c] += block_dy_xmu
+    invstd_g = invstd.reshape(grid)
+    coef = [mean_g, sum_dy / count, invstd_g * invstd_g * sum_dy_xmu / count, (gamma * invstd).reshape(grid)]
+    coef = _per_block(coef, grid)
     for c, (dyb, xb, dxb) in layout.blocks():
-        _kernels.backward_elemt(dyb, xb, dxb, m[c], k_dy[c], k_xmu[c], k_const[c])
-    return sum_dy, sum_dy_xmu
+        _kernels.backward_elemt(dyb, xb, dxb, coef[c])
+    return np.stack([sum_dy.reshape(cshape), sum_dy_xmu.reshape(cshape)])
 
 
 def _invstd(var, eps):
@@ -200,8 +218,6 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
 
     xc = _as_compute(x, work)
     y = _bulk_target(out_y, xc, work, [xc])
-    gamma = np.ones(cshape) if gamma is None else gamma
-    beta = np.zeros(cshape) if beta is None else beta
     mean, var, invstd = _train(xc, y, axes, cshape, count, gamma, beta, eps)
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum)

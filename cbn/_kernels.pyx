@@ -5,28 +5,30 @@
 ``cbn._layout`` turns every input into views of shape (A, C, B): ``c`` runs
 over channels and (a, b) over the values that share a channel, with any
 strides.  Bulk arrays are float32 or float64 (one ``cython.floating`` kernel
-per operation); per-channel arrays are float64 and every sum is float64.
+per operation); per-channel arrays are float64.
 
 Two traversals, chosen from x's strides:
 
-* row mode (NCHW-like, B is the finer axis): a channel is A rows of B values.
+* row mode (NCHW-like, B is the finer axis): a channel is A runs of B values.
   A channel whose block fits in L2 is done start to finish by one thread
-  (statistics, then normalize or gradient, while the block is cached): the
-  data is read from memory once.  Larger channels are cut into chunks.
-* column mode (NC, NHWC: C is the finer axis): rows of C channels.  Rows are
-  cut into chunks whose per-channel partial results are merged afterwards.
+  (statistics, then normalize or gradient, while the block is cached), so
+  the data is read from memory once.  Larger channels are cut into tiles.
+* column mode (NC, NHWC: C is the finer axis): rows of C channels, cut into
+  chunks of rows whose per-channel partial results are merged afterwards.
 
 Every cut depends on the shape only, never on the thread count, and partial
 results are merged in a fixed order: the bits do not depend on the number of
-threads.  Variances are two-pass within a cached block and merged with Chan's
-formula, never E[x^2] - E[x]^2.  The inner loops over contiguous runs are C
-(``src_c/cbn_loops_t.h``), compiled for several instruction sets.
-"""
-import numpy as np
+threads.  Sums accumulate in float64; variances are two-pass within a cached
+block and merged with Chan's formula, never E[x^2] - E[x]^2.  The loops over
+contiguous runs are C (``src_c/cbn_loops_t.h``), built per instruction set.
 
+Each parallel loop is a thin ``prange`` over a ``nogil`` task function,
+with a plain loop instead when one thread will do (small arrays).
+"""
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
+from libc.stdlib cimport calloc, free, malloc
 
 cdef extern from "cbn_openmp.h":
     int omp_get_max_threads() noexcept nogil
@@ -36,100 +38,117 @@ cdef extern from "cbn_openmp.h":
 # A channel block up to this size (all arrays it reads) stays in L2 between
 # the statistics pass and the normalize/gradient pass.
 cdef Py_ssize_t FUSE_BYTES = 1 << 20
-# Chunks of this size stay in L2 for their second pass.
+# Tiles and chunks of this size stay in L2 for their second pass.
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Below this much data a parallel region costs more than it saves.
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
+# Column-mode chunks have at least this many rows, so that their partial
+# results (one per channel and chunk) stay small next to the data.
 cdef Py_ssize_t COLUMN_ROWS = 256
 
 
 # ==========================================================================
-# Inner loops (src_c/cbn_loops_t.h, compiled per instruction set): one fused
-# front per loop picks the float or double instance.
+# Inner loops (src_c/cbn_loops_t.h); one fused front per loop picks the float
+# or the double instance.
 
 cdef extern from "cbn_loops.h" nogil:
-    double run_sum_f "cbn_run_sum_f"(const float *x, Py_ssize_t n, Py_ssize_t s)
-    double run_sum_d "cbn_run_sum_d"(const double *x, Py_ssize_t n, Py_ssize_t s)
-    double run_sq_dev_f "cbn_run_sq_dev_f"(const float *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev)
-    double run_sq_dev_d "cbn_run_sq_dev_d"(const double *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev)
-    void run_affine_f "cbn_run_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, Py_ssize_t n,
-                                         double mu, double scale, double shift)
-    void run_affine_d "cbn_run_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, Py_ssize_t n,
-                                         double mu, double scale, double shift)
-    double run_grad_sums_f "cbn_run_grad_sums_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx,
-                                                 Py_ssize_t n, double mu, double *sum_dy)
-    double run_grad_sums_d "cbn_run_grad_sums_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx,
-                                                 Py_ssize_t n, double mu, double *sum_dy)
-    void run_grad_f "cbn_run_grad_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx, float *dx,
-                                     Py_ssize_t so, Py_ssize_t n, double mu, double k_dy, double k_xmu, double k_const)
-    void run_grad_d "cbn_run_grad_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx, double *dx,
-                                     Py_ssize_t so, Py_ssize_t n, double mu, double k_dy, double k_xmu, double k_const)
+    double run_sum_f "cbn_run_sum_f"(const float *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s)
+    double run_sum_d "cbn_run_sum_d"(const double *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s)
+    double run_sq_dev_f "cbn_run_sq_dev_f"(const float *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s,
+                                           double mu, double *dev)
+    double run_sq_dev_d "cbn_run_sq_dev_d"(const double *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s,
+                                           double mu, double *dev)
+    void run_affine_f "cbn_run_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
+                                         Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n,
+                                         float mu_hi, float mu_lo, float scale, float shift)
+    void run_affine_d "cbn_run_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, double *y, Py_ssize_t ya,
+                                         Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n,
+                                         double mu_hi, double mu_lo, double scale, double shift)
+    double run_grad_sums_f "cbn_run_grad_sums_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x,
+                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                                 double mu, double *sum_dy)
+    double run_grad_sums_d "cbn_run_grad_sums_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x,
+                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                                 double mu, double *sum_dy)
+    void run_grad_f "cbn_run_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
+                                     Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
+                                     Py_ssize_t n, float mu_hi, float mu_lo, float dy_mean, float c_xmu, float k_dy)
+    void run_grad_d "cbn_run_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa,
+                                     Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
+                                     Py_ssize_t n, double mu_hi, double mu_lo, double dy_mean, double c_xmu,
+                                     double k_dy)
     void cols_add_f "cbn_cols_add_f"(const float *x, Py_ssize_t s, double *acc, Py_ssize_t n)
     void cols_add_d "cbn_cols_add_d"(const double *x, Py_ssize_t s, double *acc, Py_ssize_t n)
     void cols_sq_dev_f "cbn_cols_sq_dev_f"(const float *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
     void cols_sq_dev_d "cbn_cols_sq_dev_d"(const double *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
-    void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, const double *mu,
-                                           const double *scale, const double *shift, Py_ssize_t n)
-    void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, const double *mu,
-                                           const double *scale, const double *shift, Py_ssize_t n)
+    void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, const float *p,
+                                           Py_ssize_t ps, Py_ssize_t n)
+    void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, const double *p,
+                                           Py_ssize_t ps, Py_ssize_t n)
     void cols_grad_sums_f "cbn_cols_grad_sums_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx,
                                                  const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
     void cols_grad_sums_d "cbn_cols_grad_sums_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx,
                                                  const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
     void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx, float *dx,
-                                       Py_ssize_t so, const double *mu, const double *k_dy, const double *k_xmu,
-                                       const double *k_const, Py_ssize_t n)
+                                       Py_ssize_t so, const float *p, Py_ssize_t ps, Py_ssize_t n)
     void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx, double *dx,
-                                       Py_ssize_t so, const double *mu, const double *k_dy, const double *k_xmu,
-                                       const double *k_const, Py_ssize_t n)
+                                       Py_ssize_t so, const double *p, Py_ssize_t ps, Py_ssize_t n)
 
 
-cdef inline double run_sum(const floating *x, Py_ssize_t n, Py_ssize_t s) noexcept nogil:
-    """sum(x)"""
+# The run fronts take a View and a tile: runs a0:a1 of channel c, values b0:b1.
+
+cdef inline double run_sum(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
+                           floating *kind) noexcept nogil:
     if floating is float:
-        return run_sum_f(x, n, s)
+        return run_sum_f(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb)
     else:
-        return run_sum_d(x, n, s)
+        return run_sum_d(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb)
 
 
-cdef inline double run_sq_dev(const floating *x, Py_ssize_t n, Py_ssize_t s, double mu, double *dev) noexcept nogil:
-    """sum((x - mu)**2); adds sum(x - mu) to dev[0]"""
+cdef inline double run_sq_dev(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0,
+                              Py_ssize_t b1, double mu, double *dev, floating *kind) noexcept nogil:
     if floating is float:
-        return run_sq_dev_f(x, n, s, mu, dev)
+        return run_sq_dev_f(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb, mu, dev)
     else:
-        return run_sq_dev_d(x, n, s, mu, dev)
+        return run_sq_dev_d(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb, mu, dev)
 
 
-cdef inline void run_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, Py_ssize_t n,
-                            double mu, double scale, double shift) noexcept nogil:
-    """y = (x - mu) * scale + shift"""
+cdef inline void run_affine(const View *x, const View *y, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0,
+                            Py_ssize_t b1, const floating *p, Py_ssize_t ps) noexcept nogil:
+    """p points at channel c's (mu_hi, mu_lo, scale, shift), ps apart."""
+    cdef floating *kind = NULL
     if floating is float:
-        run_affine_f(x, sx, y, sy, n, mu, scale, shift)
+        run_affine_f(at(x, a0, c, b0, kind), x.sa, x.sb, at(y, a0, c, b0, kind), y.sa, y.sb, a1 - a0, b1 - b0,
+                     p[0], p[ps], p[2 * ps], p[3 * ps])
     else:
-        run_affine_d(x, sx, y, sy, n, mu, scale, shift)
+        run_affine_d(at(x, a0, c, b0, kind), x.sa, x.sb, at(y, a0, c, b0, kind), y.sa, y.sb, a1 - a0, b1 - b0,
+                     p[0], p[ps], p[2 * ps], p[3 * ps])
 
 
-cdef inline double run_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx, Py_ssize_t n,
-                                 double mu, double *sum_dy) noexcept nogil:
-    """sum(dy * (x - mu)); adds sum(dy) to sum_dy[0]"""
+cdef inline double run_grad_sums(const View *dy, const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1,
+                                 Py_ssize_t b0, Py_ssize_t b1, double mu, double *sum_dy,
+                                 floating *kind) noexcept nogil:
     if floating is float:
-        return run_grad_sums_f(dy, sd, x, sx, n, mu, sum_dy)
+        return run_grad_sums_f(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
+                               a1 - a0, b1 - b0, mu, sum_dy)
     else:
-        return run_grad_sums_d(dy, sd, x, sx, n, mu, sum_dy)
+        return run_grad_sums_d(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
+                               a1 - a0, b1 - b0, mu, sum_dy)
 
 
-cdef inline void run_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
-                          floating *dx, Py_ssize_t so, Py_ssize_t n,
-                          double mu, double k_dy, double k_xmu, double k_const) noexcept nogil:
-    """dx = dy * k_dy - (x - mu) * k_xmu - k_const"""
+cdef inline void run_grad(const View *dy, const View *x, const View *dx, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1,
+                          Py_ssize_t b0, Py_ssize_t b1, const floating *p, Py_ssize_t ps) noexcept nogil:
+    """p points at channel c's (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), ps apart."""
+    cdef floating *kind = NULL
     if floating is float:
-        run_grad_f(dy, sd, x, sx, dx, so, n, mu, k_dy, k_xmu, k_const)
+        run_grad_f(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
+                   at(dx, a0, c, b0, kind), dx.sa, dx.sb, a1 - a0, b1 - b0, p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps])
     else:
-        run_grad_d(dy, sd, x, sx, dx, so, n, mu, k_dy, k_xmu, k_const)
+        run_grad_d(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
+                   at(dx, a0, c, b0, kind), dx.sa, dx.sb, a1 - a0, b1 - b0, p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps])
 
 
 cdef inline void cols_add(const floating *x, Py_ssize_t s, double *acc, Py_ssize_t n) noexcept nogil:
-    """acc[i] += x[i]"""
     if floating is float:
         cols_add_f(x, s, acc, n)
     else:
@@ -138,43 +157,38 @@ cdef inline void cols_add(const floating *x, Py_ssize_t s, double *acc, Py_ssize
 
 cdef inline void cols_sq_dev(const floating *x, Py_ssize_t s, const double *mu, double *acc,
                              Py_ssize_t n) noexcept nogil:
-    """acc[i] += (x[i] - mu[i])**2"""
     if floating is float:
         cols_sq_dev_f(x, s, mu, acc, n)
     else:
         cols_sq_dev_d(x, s, mu, acc, n)
 
 
-cdef inline void cols_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, const double *mu,
-                             const double *scale, const double *shift, Py_ssize_t n) noexcept nogil:
-    """y[i] = (x[i] - mu[i]) * scale[i] + shift[i]"""
+cdef inline void cols_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, const floating *p,
+                             Py_ssize_t ps, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        cols_affine_f(x, sx, y, sy, mu, scale, shift, n)
+        cols_affine_f(x, sx, y, sy, p, ps, n)
     else:
-        cols_affine_d(x, sx, y, sy, mu, scale, shift, n)
+        cols_affine_d(x, sx, y, sy, p, ps, n)
 
 
 cdef inline void cols_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n) noexcept nogil:
-    """sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i])"""
     if floating is float:
         cols_grad_sums_f(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
     else:
         cols_grad_sums_d(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
 
 
-cdef inline void cols_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
-                           floating *dx, Py_ssize_t so, const double *mu, const double *k_dy,
-                           const double *k_xmu, const double *k_const, Py_ssize_t n) noexcept nogil:
-    """dx[i] = dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i]"""
+cdef inline void cols_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx, floating *dx,
+                           Py_ssize_t so, const floating *p, Py_ssize_t ps, Py_ssize_t n) noexcept nogil:
     if floating is float:
-        cols_grad_f(dy, sd, x, sx, dx, so, mu, k_dy, k_xmu, k_const, n)
+        cols_grad_f(dy, sd, x, sx, dx, so, p, ps, n)
     else:
-        cols_grad_d(dy, sd, x, sx, dx, so, mu, k_dy, k_xmu, k_const, n)
+        cols_grad_d(dy, sd, x, sx, dx, so, p, ps, n)
 
 
 # ==========================================================================
-# Views as raw pointers and element strides
+# Views, the work grid, scratch memory
 
 cdef struct View:
     char *data                      # element [0, 0, 0]
@@ -183,15 +197,14 @@ cdef struct View:
 
 cdef View view_of(const floating[:, :, :] v) noexcept:
     cdef View w
-    cdef Py_ssize_t size = sizeof(floating)
     w.data = <char *>&v[0, 0, 0]
-    w.sa = v.strides[0] // size
-    w.sc = v.strides[1] // size
-    w.sb = v.strides[2] // size
+    w.sa = v.strides[0] // <Py_ssize_t>sizeof(floating)
+    w.sc = v.strides[1] // <Py_ssize_t>sizeof(floating)
+    w.sb = v.strides[2] // <Py_ssize_t>sizeof(floating)
     return w
 
 
-cdef inline floating *at(View *w, Py_ssize_t a, Py_ssize_t c, Py_ssize_t b, floating *kind) noexcept nogil:
+cdef inline floating *at(const View *w, Py_ssize_t a, Py_ssize_t c, Py_ssize_t b, floating *kind) noexcept nogil:
     """Address of element [a, c, b] (``kind`` only selects the type)."""
     return (<floating *>w.data) + a * w.sa + c * w.sc + b * w.sb
 
@@ -200,10 +213,34 @@ cdef inline Py_ssize_t magnitude(Py_ssize_t n) noexcept nogil:
     return -n if n < 0 else n
 
 
-cdef inline bint column_mode(const floating[:, :, :] v) noexcept:
-    """True when channels are v's finer axis (NC, NHWC), so rows of C are read."""
-    cdef Py_ssize_t sc = v.strides[1], sb = v.strides[2]
-    return v.shape[2] == 1 or (v.shape[1] > 1 and magnitude(sc) < magnitude(sb))
+cdef struct Grid:
+    Py_ssize_t A, C, B, R           # R = A * B rows (column mode)
+    bint columns                    # column mode?
+    Py_ssize_t ta, tb, na, nb       # row mode: tile extents, tiles per channel along a and b
+    Py_ssize_t tr, tc, nr, nc       # column mode: chunk extents and counts
+    Py_ssize_t tasks
+
+
+cdef Grid make_grid(const floating[:, :, :] x) noexcept:
+    """The work grid of a view: its mode, and cuts that depend on the shape only."""
+    cdef Grid g
+    cdef Py_ssize_t chunk = CHUNK_BYTES // <Py_ssize_t>sizeof(floating)
+    cdef Py_ssize_t sc = x.strides[1], sb = x.strides[2]
+    g.A = x.shape[0]
+    g.C = x.shape[1]
+    g.B = x.shape[2]
+    g.R = g.A * g.B
+    g.columns = g.B == 1 or (g.C > 1 and magnitude(sc) < magnitude(sb))
+    g.tb = max(1, min(g.B, chunk))
+    g.ta = max(1, min(g.A, chunk // g.tb))
+    g.na = (g.A + g.ta - 1) // g.ta
+    g.nb = (g.B + g.tb - 1) // g.tb
+    g.tc = max(1, min(g.C, chunk // COLUMN_ROWS))
+    g.tr = max(1, min(g.R, chunk // g.tc))
+    g.nr = (g.R + g.tr - 1) // g.tr
+    g.nc = (g.C + g.tc - 1) // g.tc
+    g.tasks = g.nr * g.nc if g.columns else g.C * g.na * g.nb
+    return g
 
 
 cdef int n_threads(Py_ssize_t nbytes, Py_ssize_t n_tasks) noexcept nogil:
@@ -212,44 +249,11 @@ cdef int n_threads(Py_ssize_t nbytes, Py_ssize_t n_tasks) noexcept nogil:
     return <int>min(<Py_ssize_t>omp_get_max_threads(), n_tasks)
 
 
-cdef inline Py_ssize_t ceil_div(Py_ssize_t n, Py_ssize_t d) noexcept nogil:
-    return (n + d - 1) // d
-
-
-# Chunks: a grid over (A, B) per channel (row mode), or over rows r = (a, b)
-# and channels (column mode).  Extents depend only on the shape.
-
-cdef struct Grid:
-    Py_ssize_t A, C, B, R           # R = A * B rows (column mode)
-    Py_ssize_t ta, tb, na, nb       # row mode: tile extents and counts per channel
-    Py_ssize_t tr, tc, nr, nc       # column mode
-
-
-cdef Grid make_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t chunk) noexcept nogil:
-    cdef Grid g
-    g.A = A
-    g.C = C
-    g.B = B
-    g.R = A * B
-    g.tb = max(1, min(B, chunk))
-    g.ta = max(1, min(A, chunk // g.tb))
-    g.na = ceil_div(A, g.ta)
-    g.nb = ceil_div(B, g.tb)
-    # column mode: at least COLUMN_ROWS rows per chunk, so that the partial
-    # results (one per channel and chunk) stay small next to the data
-    g.tc = max(1, min(C, chunk // COLUMN_ROWS))
-    g.tr = max(1, min(g.R, chunk // g.tc))
-    g.nr = ceil_div(g.R, g.tr)
-    g.nc = ceil_div(C, g.tc)
-    return g
-
-
-# Prange bodies take their bounds as a struct assigned per iteration, which
-# Cython makes thread-private (a variable only written through a pointer
-# would be shared between threads).
+# Task bounds come back as structs assigned per iteration, which Cython makes
+# thread-private in a prange body.
 
 cdef struct RowTile:
-    Py_ssize_t c, a0, a1, b0, b1
+    Py_ssize_t c, a0, a1, b0, b1, index
 
 
 cdef struct ColumnChunk:
@@ -257,10 +261,11 @@ cdef struct ColumnChunk:
 
 
 cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
-    """Row-mode task k (channel-major): channel c, rows a0:a1, values b0:b1."""
+    """Row-mode task k (channel-major): channel c, runs a0:a1, values b0:b1."""
     cdef RowTile t
     cdef Py_ssize_t i = k % (g.na * g.nb)
     t.c = k // (g.na * g.nb)
+    t.index = i
     t.a0 = (i // g.nb) * g.ta
     t.a1 = min(t.a0 + g.ta, g.A)
     t.b0 = (i % g.nb) * g.tb
@@ -269,7 +274,7 @@ cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
 
 
 cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil:
-    """Column-mode task k (row-chunk-major): row chunk j = rows r0:r1, channels c0:c1."""
+    """Column-mode task k (row-chunk-major): chunk j = rows r0:r1, channels c0:c1."""
     cdef ColumnChunk t
     t.j = k // g.nc
     t.r0 = t.j * g.tr
@@ -277,6 +282,25 @@ cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil
     t.c0 = (k % g.nc) * g.tc
     t.c1 = min(t.c0 + g.tc, g.C)
     return t
+
+
+cdef inline floating *row_at(const View *w, const Grid *g, Py_ssize_t r, Py_ssize_t c, floating *kind) noexcept nogil:
+    """Address of channel c in column-mode row r = (a, b)."""
+    return at(w, r // g.B, c, r % g.B, kind)
+
+
+cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
+    """n zeroed (or not) items of ``size`` bytes from the heap; free() it."""
+    cdef void *p = calloc(max(n, 1), size) if zero else malloc(max(n, 1) * size)
+    if p == NULL:
+        raise MemoryError(f"cbn: could not allocate {n * size} bytes of scratch memory")
+    return p
+
+
+cdef inline void split_mean(double mu, floating *hi, floating *lo) noexcept nogil:
+    """mu as hi + lo in the element type (hi the nearest value, lo the rest)."""
+    hi[0] = <floating>mu
+    lo[0] = <floating>(mu - <double>hi[0])
 
 
 # ==========================================================================
@@ -294,76 +318,84 @@ cdef inline void chan_merge(double *n, double *mean, double *m2, double nb, doub
     n[0] = total
 
 
-cdef void stats_channel_block(View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
-                              double *mean, double *m2, floating *kind) noexcept nogil:
-    """Two-pass mean and M2 of x[a0:a1, c, b0:b1] (the block is cached for pass two)."""
+cdef void block_stats(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
+                      double *mean, double *m2, floating *kind) noexcept nogil:
+    """Two-pass mean and M2 of x[a0:a1, c, b0:b1] (cached for the second pass)."""
     cdef Py_ssize_t a
     cdef double total = 0, dev = 0, sq = 0, mu
     cdef double count = <double>((a1 - a0) * (b1 - b0))
-    for a in range(a0, a1):
-        total += run_sum(at(x, a, c, b0, kind), b1 - b0, x.sb)
+    total = run_sum(x, c, a0, a1, b0, b1, kind)
     mu = total / count
-    for a in range(a0, a1):
-        sq += run_sq_dev(at(x, a, c, b0, kind), b1 - b0, x.sb, mu, &dev)
-    # corrected two-pass: dev is sum(x - mu), zero but for rounding
+    sq = run_sq_dev(x, c, a0, a1, b0, b1, mu, &dev, kind)
+    # corrected two-pass: dev = sum(x - mu) is zero but for rounding
     mean[0] = mu + dev / count
     m2[0] = max(sq - dev * dev / count, 0.0)
 
 
-cdef void stats_rows(const floating[:, :, :] xv, double[::1] mean, double[::1] m2):
-    """Row mode: each channel cut into (a, b) tiles, two-pass each, merged in order."""
-    cdef View x = view_of(xv)
-    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
-    cdef Py_ssize_t tiles = g.na * g.nb
-    cdef double[:, ::1] part = np.empty((g.C * tiles, 3))   # count, mean, M2 per tile
-    cdef RowTile tile
-    cdef Py_ssize_t k, c, t
-    cdef double n, mu, s2
-    cdef floating *kind = NULL
-    with nogil:
-        for k in prange(g.C * tiles, schedule="static",
-                        num_threads=n_threads(g.R * g.C * sizeof(floating), g.C * tiles)):
-            tile = row_tile(&g, k)
-            c = tile.c
-            part[k, 0] = <double>((tile.a1 - tile.a0) * (tile.b1 - tile.b0))
-            stats_channel_block(&x, c, tile.a0, tile.a1, tile.b0, tile.b1, &part[k, 1], &part[k, 2], kind)
-        for c in range(g.C):
-            n = 0
-            mu = 0
-            s2 = 0
-            for t in range(c * tiles, (c + 1) * tiles):
-                chan_merge(&n, &mu, &s2, part[t, 0], part[t, 1], part[t, 2])
-            mean[c] = mu
-            m2[c] = s2
+cdef void stats_row_task(const View *x, const Grid *g, Py_ssize_t k, double *part, floating *kind) noexcept nogil:
+    """Tile k's (count, mean, M2) into part[3k:3k+3]."""
+    cdef RowTile t = row_tile(g, k)
+    part[3 * k] = <double>((t.a1 - t.a0) * (t.b1 - t.b0))
+    block_stats(x, t.c, t.a0, t.a1, t.b0, t.b1, &part[3 * k + 1], &part[3 * k + 2], kind)
 
 
-cdef void stats_columns(const floating[:, :, :] xv, double[::1] mean, double[::1] m2):
-    """Column mode: rows of channels cut into chunks, two-pass each, merged in order."""
-    cdef View x = view_of(xv)
-    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
-    cdef double[:, ::1] part_mean = np.zeros((g.nr, g.C))
-    cdef double[:, ::1] part_m2 = np.zeros((g.nr, g.C))
-    cdef ColumnChunk chunk
-    cdef Py_ssize_t k, j, r, c
+cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *part_mean, double *part_m2,
+                            floating *kind) noexcept nogil:
+    """Chunk k's per-channel mean and M2 into row j of the partials (two-pass)."""
+    cdef ColumnChunk t = column_chunk(g, k)
+    cdef double *mean = &part_mean[t.j * g.C + t.c0]
+    cdef double *m2 = &part_m2[t.j * g.C + t.c0]
+    cdef Py_ssize_t r, i
+    for r in range(t.r0, t.r1):
+        cols_add(row_at(x, g, r, t.c0, kind), x.sc, mean, t.c1 - t.c0)
+    for i in range(t.c1 - t.c0):
+        mean[i] = mean[i] / (t.r1 - t.r0)
+    for r in range(t.r0, t.r1):  # the chunk is still in cache
+        cols_sq_dev(row_at(x, g, r, t.c0, kind), x.sc, mean, m2, t.c1 - t.c0)
+
+
+cdef inline Py_ssize_t partials_size(const Grid *g) noexcept nogil:
+    """Doubles of (zeroed) scratch that grid_stats and grid_grad_sums need."""
+    return 2 * g.nr * g.C if g.columns else 3 * g.tasks
+
+
+cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, double *m2,
+                     floating *kind) noexcept nogil:
+    """Per-channel mean and M2 over the grid's tasks, merged in task order."""
+    cdef Py_ssize_t k, c, j, per_channel
+    cdef int nt = n_threads(g.R * g.C * sizeof(floating), g.tasks)
+    cdef double *part_m2 = part + g.nr * g.C
     cdef double n, mu, s2
-    cdef floating *kind = NULL
-    with nogil:
-        for k in prange(g.nr * g.nc, schedule="static",
-                        num_threads=n_threads(g.R * g.C * sizeof(floating), g.nr * g.nc)):
-            chunk = column_chunk(&g, k)
-            j = chunk.j
-            for r in range(chunk.r0, chunk.r1):
-                cols_add(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, &part_mean[j, chunk.c0], chunk.c1 - chunk.c0)
-            for c in range(chunk.c0, chunk.c1):
-                part_mean[j, c] = part_mean[j, c] / (chunk.r1 - chunk.r0)
-            for r in range(chunk.r0, chunk.r1):  # the chunk is still in cache
-                cols_sq_dev(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, &part_mean[j, chunk.c0], &part_m2[j, chunk.c0], chunk.c1 - chunk.c0)
+    if g.columns:
+        if nt == 1:
+            for k in range(g.tasks):
+                stats_column_task(x, g, k, part, part_m2, kind)
+        else:
+            for k in prange(g.tasks, num_threads=nt, schedule="static"):
+                stats_column_task(x, g, k, part, part_m2, kind)
         for c in range(g.C):
             n = 0
             mu = 0
             s2 = 0
             for j in range(g.nr):
-                chan_merge(&n, &mu, &s2, <double>(min(j * g.tr + g.tr, g.R) - j * g.tr), part_mean[j, c], part_m2[j, c])
+                chan_merge(&n, &mu, &s2, <double>(min(j * g.tr + g.tr, g.R) - j * g.tr),
+                           part[j * g.C + c], part_m2[j * g.C + c])
+            mean[c] = mu
+            m2[c] = s2
+    else:
+        if nt == 1:
+            for k in range(g.tasks):
+                stats_row_task(x, g, k, part, kind)
+        else:
+            for k in prange(g.tasks, num_threads=nt, schedule="static"):
+                stats_row_task(x, g, k, part, kind)
+        per_channel = g.na * g.nb
+        for c in range(g.C):
+            n = 0
+            mu = 0
+            s2 = 0
+            for k in range(c * per_channel, (c + 1) * per_channel):
+                chan_merge(&n, &mu, &s2, part[3 * k], part[3 * k + 1], part[3 * k + 2])
             mean[c] = mu
             m2[c] = s2
 
@@ -372,42 +404,56 @@ def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
                   double[::1] mean,             # OUT (C,)
                   double[::1] m2):              # OUT (C,) sum of squared deviations
     """Per-channel mean and M2 of a view (overwrites mean and m2)."""
+    cdef floating *kind = NULL
+    cdef View xv
+    cdef Grid g
+    cdef double *part
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
-    if column_mode(x):
-        stats_columns(x, mean, m2)
-    else:
-        stats_rows(x, mean, m2)
+    xv = view_of(x)
+    g = make_grid(x)
+    part = <double *>scratch(partials_size(&g), sizeof(double), True)
+    with nogil:
+        grid_stats(&xv, &g, part, &mean[0], &m2[0], kind)
+    free(part)
 
 
 # ==========================================================================
 # Normalize: y = (x - mean) * scale + shift
 
-cdef void affine_views(const floating[:, :, :] xv, floating[:, :, :] yv,
-                       const double[::1] mean, const double[::1] scale, const double[::1] shift):
-    cdef View x = view_of(xv)
-    cdef View y = view_of(yv)
-    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
-    cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
-    cdef RowTile tile
-    cdef ColumnChunk chunk
-    cdef Py_ssize_t k, c, r, a
-    cdef floating *kind = NULL
-    cdef bint columns = column_mode(xv)
-    with nogil:
-        if columns:
-            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                chunk = column_chunk(&g, k)
-                for r in range(chunk.r0, chunk.r1):
-                    cols_affine(at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc, at(&y, r // g.B, chunk.c0, r % g.B, kind), y.sc,
-                                &mean[chunk.c0], &scale[chunk.c0], &shift[chunk.c0], chunk.c1 - chunk.c0)
-        else:
-            for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
-                tile = row_tile(&g, k)
-                c = tile.c
-                for a in range(tile.a0, tile.a1):
-                    run_affine(at(&x, a, c, tile.b0, kind), x.sb, at(&y, a, c, tile.b0, kind), y.sb, tile.b1 - tile.b0,
-                               mean[c], scale[c], shift[c])
+cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p,
+                      floating *kind) noexcept nogil:
+    """Task k of y = (x - mean) * scale + shift; p holds 4 rows of C parameters."""
+    cdef RowTile t
+    cdef ColumnChunk h
+    cdef Py_ssize_t a, r
+    if g.columns:
+        h = column_chunk(g, k)
+        for r in range(h.r0, h.r1):
+            cols_affine(row_at(x, g, r, h.c0, kind), x.sc, row_at(y, g, r, h.c0, kind), y.sc, p + h.c0, g.C,
+                        h.c1 - h.c0)
+    else:
+        t = row_tile(g, k)
+        run_affine(x, y, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)
+
+
+cdef void grid_affine(const View *x, const View *y, const Grid *g, const floating *p, floating *kind) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
+    if nt == 1:
+        for k in range(g.tasks):
+            affine_task(x, y, g, k, p, kind)
+    else:
+        for k in prange(g.tasks, num_threads=nt, schedule="static"):
+            affine_task(x, y, g, k, p, kind)
+
+
+cdef inline void set_affine(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double scale,
+                            double shift) noexcept nogil:
+    """Channel c's normalize parameters in p (rows: mu_hi, mu_lo, scale, shift)."""
+    split_mean(mean, &p[c], &p[C + c])
+    p[2 * C + c] = <floating>scale
+    p[3 * C + c] = <floating>shift
 
 
 def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
@@ -416,9 +462,22 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
               const double[::1] scale,       # IN  (C,) gamma * invstd
               const double[::1] shift):      # IN  (C,) beta
     """y = (x - mean) * scale + shift, per channel (inference)."""
+    cdef floating *kind = NULL
+    cdef View xv, yv
+    cdef Grid g
+    cdef floating *p
+    cdef Py_ssize_t c, C = x.shape[1]
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
-    affine_views(x, y, mean, scale, shift)
+    xv = view_of(x)
+    yv = view_of(y)
+    g = make_grid(x)
+    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    with nogil:
+        for c in range(C):
+            set_affine(p, C, c, mean[c], scale[c], shift[c])
+        grid_affine(&xv, &yv, &g, p, kind)
+    free(p)
 
 
 cdef inline void finish_channel(double m2, double count, double eps, double gam,
@@ -429,129 +488,222 @@ cdef inline void finish_channel(double m2, double count, double eps, double gam,
     scale[0] = gam * invstd[0]
 
 
-def forward_train(const floating[:, :, :] xv,   # IN  (A, C, B), A * B > 1
-                  floating[:, :, :] yv,         # OUT (A, C, B); may be x itself
-                  const double[::1] gamma,      # IN  (C,)
-                  const double[::1] beta,       # IN  (C,)
+cdef void train_channel_task(const View *x, const View *y, Py_ssize_t A, Py_ssize_t B, Py_ssize_t c, double eps,
+                             const double *gamma, const double *beta, double *mean, double *var, double *invstd,
+                             floating *kind) noexcept nogil:
+    """One channel of the fused training forward: statistics, then y from cache."""
+    cdef floating p[4]
+    cdef double m2, scale
+    cdef Py_ssize_t a
+    block_stats(x, c, 0, A, 0, B, &mean[c], &m2, kind)
+    finish_channel(m2, <double>(A * B), eps, gamma[c] if gamma != NULL else 1.0, &var[c], &invstd[c], &scale)
+    set_affine(p, 1, 0, mean[c], scale, beta[c] if beta != NULL else 0.0)
+    run_affine(x, y, c, 0, A, 0, B, p, 1)
+
+
+def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
+                  floating[:, :, :] y,         # OUT (A, C, B); may be x itself
+                  const double[::1] gamma,     # IN  (C,), or (0,) for ones
+                  const double[::1] beta,      # IN  (C,), or (0,) for zeros
                   double eps,
-                  double[::1] mean,             # OUT (C,)
-                  double[::1] var,              # OUT (C,) biased
-                  double[::1] invstd):          # OUT (C,)
+                  double[:, ::1] stats):       # OUT (3, C): mean, biased var, invstd
     """Training forward: batch statistics, then y, in as few passes as fit."""
-    cdef Py_ssize_t A = xv.shape[0], C = xv.shape[1], B = xv.shape[2]
-    cdef double count = <double>(A * B)
-    cdef double[::1] scale
-    cdef View x, y
-    cdef Py_ssize_t c, a
-    cdef double m2, sc
     cdef floating *kind = NULL
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
+    cdef const double *bet = &beta[0] if beta.shape[0] else NULL
+    cdef double *mean
+    cdef double *var
+    cdef double *invstd
+    cdef View xv, yv
+    cdef Grid g
+    cdef floating *p
+    cdef double *part
+    cdef double scale
+    cdef Py_ssize_t c
+    cdef int nt
     if A * B * C == 0:
         return
-    if column_mode(xv) or A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
+    mean, var, invstd = &stats[0, 0], &stats[1, 0], &stats[2, 0]
+    xv = view_of(x)
+    yv = view_of(y)
+    g = make_grid(x)
+    if g.columns or A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
         # no cache reuse possible: a statistics pass, then a normalize pass
-        channel_stats(xv, mean, var)
-        scale = np.empty(C)
-        for c in range(C):
-            finish_channel(var[c], count, eps, gamma[c], &var[c], &invstd[c], &scale[c])
-        affine_views(xv, yv, mean, scale, beta)
+        part = <double *>scratch(partials_size(&g), sizeof(double), True)
+        p = <floating *>scratch(4 * C, sizeof(floating), False)
+        with nogil:
+            grid_stats(&xv, &g, part, mean, var, kind)
+            for c in range(C):
+                finish_channel(var[c], <double>(A * B), eps, gam[c] if gam != NULL else 1.0,
+                               &var[c], &invstd[c], &scale)
+                set_affine(p, C, c, mean[c], scale, bet[c] if bet != NULL else 0.0)
+            grid_affine(&xv, &yv, &g, p, kind)
+        free(part)
+        free(p)
         return
     # fused: each channel's block is read from memory once, then served from L2
-    x = view_of(xv)
-    y = view_of(yv)
+    nt = n_threads(2 * A * B * C * sizeof(floating), C)
     with nogil:
-        for c in prange(C, schedule="static", num_threads=n_threads(2 * A * B * C * sizeof(floating), C)):
-            m2 = 0  # assigned here so that Cython makes it thread-private
-            sc = 0
-            stats_channel_block(&x, c, 0, A, 0, B, &mean[c], &m2, kind)
-            finish_channel(m2, count, eps, gamma[c], &var[c], &invstd[c], &sc)
-            for a in range(A):
-                run_affine(at(&x, a, c, 0, kind), x.sb, at(&y, a, c, 0, kind), y.sb, B, mean[c], sc, beta[c])
+        if nt == 1:
+            for c in range(C):
+                train_channel_task(&xv, &yv, A, B, c, eps, gam, bet, mean, var, invstd, kind)
+        else:
+            for c in prange(C, num_threads=nt, schedule="static"):
+                train_channel_task(&xv, &yv, A, B, c, eps, gam, bet, mean, var, invstd, kind)
 
 
 # ==========================================================================
 # Gradient
 
-cdef void grad_sums_views(const floating[:, :, :] dyv, const floating[:, :, :] xv, const double[::1] mean,
-                          double[::1] sum_dy, double[::1] sum_dy_xmu):
-    cdef View dy = view_of(dyv)
-    cdef View x = view_of(xv)
-    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
-    cdef Py_ssize_t nbytes = 2 * g.R * g.C * sizeof(floating)
-    cdef Py_ssize_t tiles = g.na * g.nb
-    cdef RowTile tile
-    cdef ColumnChunk chunk
-    cdef Py_ssize_t k, c, t, j, a, r
+cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_t k, const double *mean,
+                         double *part_dy, double *part_dy_xmu, floating *kind) noexcept nogil:
+    """Task k's sum(dy) and sum(dy * (x - mean)) into its partial slots."""
+    cdef RowTile t
+    cdef ColumnChunk h
+    cdef Py_ssize_t a, r
+    cdef double s_dy = 0, s_dy_xmu = 0
+    if g.columns:
+        h = column_chunk(g, k)
+        for r in range(h.r0, h.r1):
+            cols_grad_sums(row_at(dy, g, r, h.c0, kind), dy.sc, row_at(x, g, r, h.c0, kind), x.sc, &mean[h.c0],
+                           &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0], h.c1 - h.c0)
+    else:
+        t = row_tile(g, k)
+        s_dy_xmu = run_grad_sums(dy, x, t.c, t.a0, t.a1, t.b0, t.b1, mean[t.c], &s_dy, kind)
+        part_dy[k] = s_dy
+        part_dy_xmu[k] = s_dy_xmu
+
+
+cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *part_dy, const double *mean,
+                         double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)), partials added in task order."""
+    cdef Py_ssize_t k, c, j, n_part = g.nr * g.C if g.columns else g.tasks
+    cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
+    cdef double *part_dy_xmu = part_dy + n_part
     cdef double s_dy, s_dy_xmu
-    cdef double[:, ::1] part_dy
-    cdef double[:, ::1] part_dy_xmu
-    cdef floating *kind = NULL
-    if column_mode(xv):
-        part_dy = np.zeros((g.nr, g.C))
-        part_dy_xmu = np.zeros((g.nr, g.C))
-        with nogil:
-            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                chunk = column_chunk(&g, k)
-                j = chunk.j
-                for r in range(chunk.r0, chunk.r1):
-                    cols_grad_sums(at(&dy, r // g.B, chunk.c0, r % g.B, kind), dy.sc, at(&x, r // g.B, chunk.c0, r % g.B, kind),
-                                   x.sc, &mean[chunk.c0], &part_dy[j, chunk.c0], &part_dy_xmu[j, chunk.c0], chunk.c1 - chunk.c0)
-            for c in range(g.C):
-                s_dy = 0
-                s_dy_xmu = 0
-                for j in range(g.nr):
-                    s_dy = s_dy + part_dy[j, c]
-                    s_dy_xmu = s_dy_xmu + part_dy_xmu[j, c]
-                sum_dy[c] = s_dy
-                sum_dy_xmu[c] = s_dy_xmu
-        return
-    part_dy = np.zeros((g.C, tiles))
-    part_dy_xmu = np.zeros((g.C, tiles))
-    with nogil:
-        for k in prange(g.C * tiles, schedule="static", num_threads=n_threads(nbytes, g.C * tiles)):
-            tile = row_tile(&g, k)
-            c = tile.c
-            t = k % tiles
-            for a in range(tile.a0, tile.a1):
-                part_dy_xmu[c, t] += run_grad_sums(at(&dy, a, c, tile.b0, kind), dy.sb, at(&x, a, c, tile.b0, kind), x.sb,
-                                                   tile.b1 - tile.b0, mean[c], &part_dy[c, t])
-        for c in range(g.C):
-            s_dy = 0
-            s_dy_xmu = 0
-            for t in range(tiles):
-                s_dy = s_dy + part_dy[c, t]
-                s_dy_xmu = s_dy_xmu + part_dy_xmu[c, t]
-            sum_dy[c] = s_dy
-            sum_dy_xmu[c] = s_dy_xmu
-
-
-cdef void grad_views(const floating[:, :, :] dyv, const floating[:, :, :] xv, floating[:, :, :] dxv,
-                     const double[::1] mean, const double[::1] k_dy, const double[::1] k_xmu,
-                     const double[::1] k_const):
-    cdef View dy = view_of(dyv)
-    cdef View x = view_of(xv)
-    cdef View dx = view_of(dxv)
-    cdef Grid g = make_grid(xv.shape[0], xv.shape[1], xv.shape[2], CHUNK_BYTES // sizeof(floating))
-    cdef Py_ssize_t nbytes = 3 * g.R * g.C * sizeof(floating)
-    cdef RowTile tile
-    cdef ColumnChunk chunk
-    cdef Py_ssize_t k, c, r, a
-    cdef floating *kind = NULL
-    cdef bint columns = column_mode(xv)
-    with nogil:
-        if columns:
-            for k in prange(g.nr * g.nc, schedule="static", num_threads=n_threads(nbytes, g.nr * g.nc)):
-                chunk = column_chunk(&g, k)
-                for r in range(chunk.r0, chunk.r1):
-                    cols_grad(at(&dy, r // g.B, chunk.c0, r % g.B, kind), dy.sc, at(&x, r // g.B, chunk.c0, r % g.B, kind), x.sc,
-                              at(&dx, r // g.B, chunk.c0, r % g.B, kind), dx.sc,
-                              &mean[chunk.c0], &k_dy[chunk.c0], &k_xmu[chunk.c0], &k_const[chunk.c0], chunk.c1 - chunk.c0)
+    if nt == 1:
+        for k in range(g.tasks):
+            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, kind)
+    else:
+        for k in prange(g.tasks, num_threads=nt, schedule="static"):
+            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, kind)
+    for c in range(g.C):
+        s_dy = 0
+        s_dy_xmu = 0
+        if g.columns:
+            for j in range(g.nr):
+                s_dy = s_dy + part_dy[j * g.C + c]
+                s_dy_xmu = s_dy_xmu + part_dy_xmu[j * g.C + c]
         else:
-            for k in prange(g.C * g.na * g.nb, schedule="static", num_threads=n_threads(nbytes, g.C * g.na * g.nb)):
-                tile = row_tile(&g, k)
-                c = tile.c
-                for a in range(tile.a0, tile.a1):
-                    run_grad(at(&dy, a, c, tile.b0, kind), dy.sb, at(&x, a, c, tile.b0, kind), x.sb,
-                             at(&dx, a, c, tile.b0, kind), dx.sb, tile.b1 - tile.b0, mean[c], k_dy[c], k_xmu[c], k_const[c])
+            for k in range(c * g.na * g.nb, (c + 1) * g.na * g.nb):
+                s_dy = s_dy + part_dy[k]
+                s_dy_xmu = s_dy_xmu + part_dy_xmu[k]
+        sum_dy[c] = s_dy
+        sum_dy_xmu[c] = s_dy_xmu
+
+
+cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k, const floating *p,
+                    floating *kind) noexcept nogil:
+    """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C."""
+    cdef RowTile t
+    cdef ColumnChunk h
+    cdef Py_ssize_t a, r
+    if g.columns:
+        h = column_chunk(g, k)
+        for r in range(h.r0, h.r1):
+            cols_grad(row_at(dy, g, r, h.c0, kind), dy.sc, row_at(x, g, r, h.c0, kind), x.sc,
+                      row_at(dx, g, r, h.c0, kind), dx.sc, p + h.c0, g.C, h.c1 - h.c0)
+    else:
+        t = row_tile(g, k)
+        run_grad(dy, x, dx, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)
+
+
+cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p,
+                    floating *kind) noexcept nogil:
+    cdef Py_ssize_t k
+    cdef int nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
+    if nt == 1:
+        for k in range(g.tasks):
+            grad_task(dy, x, dx, g, k, p, kind)
+    else:
+        for k in prange(g.tasks, num_threads=nt, schedule="static"):
+            grad_task(dy, x, dx, g, k, p, kind)
+
+
+cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double invstd, double gam,
+                          double s_dy, double s_dy_xmu, double count) noexcept nogil:
+    """Channel c's gradient coefficients in p (rows: mu_hi, mu_lo, dy_mean, c_xmu, k_dy).
+
+    dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
+    """
+    split_mean(mean, &p[c], &p[C + c])
+    p[2 * C + c] = <floating>(s_dy / count)
+    p[3 * C + c] = <floating>(invstd * invstd * s_dy_xmu / count)
+    p[4 * C + c] = <floating>(gam * invstd)
+
+
+cdef void backward_channel_task(const View *dy, const View *x, const View *dx, Py_ssize_t A, Py_ssize_t B,
+                                Py_ssize_t c, const double *mean, const double *invstd, const double *gamma,
+                                double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
+    """One channel of the fused gradient: sums over dy and x, then dx from cache."""
+    cdef floating p[5]
+    cdef double s_dy = 0, s_dy_xmu = 0
+    cdef Py_ssize_t a
+    s_dy_xmu = run_grad_sums(dy, x, c, 0, A, 0, B, mean[c], &s_dy, kind)
+    sum_dy[c] = s_dy
+    sum_dy_xmu[c] = s_dy_xmu
+    set_grad(p, 1, 0, mean[c], invstd[c], gamma[c], s_dy, s_dy_xmu, <double>(A * B))
+    run_grad(dy, x, dx, c, 0, A, 0, B, p, 1)
+
+
+def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
+             const floating[:, :, :] x,    # IN  (A, C, B)
+             floating[:, :, :] dx,         # OUT (A, C, B); may be dy or x
+             const double[:, ::1] stats,   # IN  (3, C): mean, invstd, gamma
+             double[:, ::1] sums):         # OUT (2, C): sum(dy), sum(dy * (x - mean))
+    """Training-mode gradient: per-channel sums, then dx, in as few passes as fit."""
+    cdef floating *kind = NULL
+    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
+    cdef const double *mean
+    cdef const double *invstd
+    cdef const double *gamma
+    cdef double *sum_dy
+    cdef double *sum_dy_xmu
+    cdef View dyv, xv, dxv
+    cdef Grid g
+    cdef floating *p
+    cdef double *part
+    cdef Py_ssize_t c
+    cdef int nt
+    if A * B * C == 0:
+        return
+    mean, invstd, gamma = &stats[0, 0], &stats[1, 0], &stats[2, 0]
+    sum_dy, sum_dy_xmu = &sums[0, 0], &sums[1, 0]
+    dyv = view_of(dy)
+    xv = view_of(x)
+    dxv = view_of(dx)
+    g = make_grid(x)
+    if g.columns or 2 * A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
+        part = <double *>scratch(partials_size(&g), sizeof(double), True)
+        p = <floating *>scratch(5 * C, sizeof(floating), False)
+        with nogil:
+            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
+            for c in range(C):
+                set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
+            grid_grad(&dyv, &xv, &dxv, &g, p, kind)
+        free(part)
+        free(p)
+        return
+    # fused: a channel's dy and x blocks are read once, dx computed from L2
+    nt = n_threads(3 * A * B * C * sizeof(floating), C)
+    with nogil:
+        if nt == 1:
+            for c in range(C):
+                backward_channel_task(&dyv, &xv, &dxv, A, B, c, mean, invstd, gamma, sum_dy, sum_dy_xmu, kind)
+        else:
+            for c in prange(C, num_threads=nt, schedule="static"):
+                backward_channel_task(&dyv, &xv, &dxv, A, B, c, mean, invstd, gamma, sum_dy, sum_dy_xmu, kind)
 
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -560,74 +712,46 @@ def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
                     double[::1] sum_dy,           # OUT (C,)
                     double[::1] sum_dy_xmu):      # OUT (C,)
     """sum_dy[c] = sum(dy); sum_dy_xmu[c] = sum(dy * (x - mean[c])) (overwritten)."""
+    cdef floating *kind = NULL
+    cdef View dyv, xv
+    cdef Grid g
+    cdef double *part
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
-    grad_sums_views(dy, x, mean, sum_dy, sum_dy_xmu)
+    dyv = view_of(dy)
+    xv = view_of(x)
+    g = make_grid(x)
+    part = <double *>scratch(partials_size(&g), sizeof(double), True)
+    with nogil:
+        grid_grad_sums(&dyv, &xv, &g, part, &mean[0], &sum_dy[0], &sum_dy_xmu[0], kind)
+    free(part)
 
 
 def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
                    const floating[:, :, :] x,    # IN  (A, C, B)
                    floating[:, :, :] dx,         # OUT (A, C, B); may be dy or x
-                   const double[::1] mean,       # IN  (C,)
-                   const double[::1] k_dy,       # IN  (C,)
-                   const double[::1] k_xmu,      # IN  (C,)
-                   const double[::1] k_const):   # IN  (C,)
-    """dx = dy * k_dy - (x - mean) * k_xmu - k_const, per channel."""
+                   const double[:, ::1] coef):   # IN  (4, C): mean, dy_mean, c_xmu, k_dy
+    """dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy, per channel."""
+    cdef floating *kind = NULL
+    cdef View dyv, xv, dxv
+    cdef Grid g
+    cdef floating *p
+    cdef Py_ssize_t c, C = x.shape[1]
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
-    grad_views(dy, x, dx, mean, k_dy, k_xmu, k_const)
-
-
-cdef inline void grad_coefficients(double s_dy, double s_dy_xmu, double count, double inv, double gam,
-                                   double *k_dy, double *k_xmu, double *k_const) noexcept nogil:
-    """dx = dy * k_dy - (x - mean) * k_xmu - k_const for one channel."""
-    k_dy[0] = gam * inv
-    k_xmu[0] = k_dy[0] * inv * inv * s_dy_xmu / count
-    k_const[0] = k_dy[0] * s_dy / count
-
-
-def backward(const floating[:, :, :] dyv,   # IN  (A, C, B)
-             const floating[:, :, :] xv,    # IN  (A, C, B)
-             floating[:, :, :] dxv,         # OUT (A, C, B); may be dy or x
-             const double[::1] mean,        # IN  (C,)
-             const double[::1] invstd,      # IN  (C,)
-             const double[::1] gamma,       # IN  (C,)
-             double[::1] sum_dy,            # OUT (C,) = dbeta
-             double[::1] sum_dy_xmu):       # OUT (C,) = dgamma / invstd
-    """Training-mode gradient: per-channel sums, then dx, in as few passes as fit."""
-    cdef Py_ssize_t A = xv.shape[0], C = xv.shape[1], B = xv.shape[2]
-    cdef double count = <double>(A * B)
-    cdef double[:, ::1] k
-    cdef View dy, x, dx
-    cdef Py_ssize_t c, a
-    cdef double s_dy, kd, kx, k0
-    cdef floating *kind = NULL
-    if A * B * C == 0:
-        return
-    if column_mode(xv) or 2 * A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
-        grad_sums_views(dyv, xv, mean, sum_dy, sum_dy_xmu)
-        k = np.empty((3, C))
-        for c in range(C):
-            grad_coefficients(sum_dy[c], sum_dy_xmu[c], count, invstd[c], gamma[c], &k[0, c], &k[1, c], &k[2, c])
-        grad_views(dyv, xv, dxv, mean, k[0], k[1], k[2])
-        return
-    # fused: a channel's dy and x blocks are read once; dx is computed from L2
-    dy = view_of(dyv)
-    x = view_of(xv)
-    dx = view_of(dxv)
+    dyv = view_of(dy)
+    xv = view_of(x)
+    dxv = view_of(dx)
+    g = make_grid(x)
+    p = <floating *>scratch(5 * C, sizeof(floating), False)
     with nogil:
-        for c in prange(C, schedule="static", num_threads=n_threads(3 * A * B * C * sizeof(floating), C)):
-            s_dy = 0  # scalars assigned here are thread-private
-            kd = kx = k0 = 0
-            sum_dy_xmu[c] = 0
-            for a in range(A):
-                sum_dy_xmu[c] += run_grad_sums(at(&dy, a, c, 0, kind), dy.sb, at(&x, a, c, 0, kind), x.sb, B,
-                                               mean[c], &s_dy)
-            sum_dy[c] = s_dy
-            grad_coefficients(s_dy, sum_dy_xmu[c], count, invstd[c], gamma[c], &kd, &kx, &k0)
-            for a in range(A):
-                run_grad(at(&dy, a, c, 0, kind), dy.sb, at(&x, a, c, 0, kind), x.sb, at(&dx, a, c, 0, kind), dx.sb,
-                         B, mean[c], kd, kx, k0)
+        for c in range(C):
+            split_mean(coef[0, c], &p[c], &p[C + c])
+            p[2 * C + c] = <floating>coef[1, c]
+            p[3 * C + c] = <floating>coef[2, c]
+            p[4 * C + c] = <floating>coef[3, c]
+        grid_grad(&dyv, &xv, &dxv, &g, p, kind)
+    free(p)
 
 
 # ==========================================================================

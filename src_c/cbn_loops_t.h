@@ -1,93 +1,115 @@
 /* Template of cbn's inner loops: included by cbn_loops.h with CBN_T (the
- * element type) and CBN_SUFFIX defined.  All arithmetic is in double.
+ * element type) and CBN_SUFFIX defined.
  *
- * "run" loops walk n values of one channel (row mode: a parameter per run);
- * "cols" loops walk n channels of one row (column mode: a parameter per
- * value).  Strides are in elements; output arrays may alias input arrays
+ * Reductions accumulate in double.  Elementwise loops compute in the element
+ * type, with the mean split in two (mu = mu_hi + mu_lo, mu_hi the nearest
+ * CBN_T): x - mu_hi is exact for x near the mean (Sterbenz), so large
+ * offsets cost no accuracy, and a constant run gives exactly the shift.
+ *
+ * "run" loops walk m runs of n values of one channel (row mode: one set of
+ * parameters); "cols" loops walk n channels of one row (column mode: a
+ * parameter per value).  Strides are in elements; output arrays may alias input arrays
  * element for element (in-place out=).
  */
 #define CBN_FN(name) CBN_CAT(name, CBN_SUFFIX)
 
-/* sum(x) */
-CBN_CLONES static double CBN_FN(cbn_run_sum)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s)
+/* The run loops walk m runs of n values, run r starting at x + r * xa. */
+
+/* sum(x), in double */
+CBN_CLONES static double CBN_FN(cbn_run_sum)(const CBN_T *x, ptrdiff_t m, ptrdiff_t xa, ptrdiff_t n, ptrdiff_t s)
 {
     double acc[CBN_LANES] = {0};
-    ptrdiff_t i = 0;
-    if (s == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++)
-                acc[j] += x[i + j];
-    for (; i < n; i++)
-        acc[0] += x[i * s];
+    for (ptrdiff_t r = 0; r < m; r++, x += xa) {
+        ptrdiff_t i = 0;
+        if (s == 1)
+            for (; i + CBN_LANES <= n; i += CBN_LANES)
+                for (int j = 0; j < CBN_LANES; j++)
+                    acc[j] += x[i + j];
+        for (; i < n; i++)
+            acc[i % CBN_LANES] += x[i * s];
+    }
     return cbn_tree_sum(acc);
 }
 
-/* sum((x - mu)**2); adds sum(x - mu) to *dev */
-CBN_CLONES static double CBN_FN(cbn_run_sq_dev)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s, double mu, double *dev)
+/* sum((x - mu)**2) in double; adds sum(x - mu) to *dev */
+CBN_CLONES static double CBN_FN(cbn_run_sq_dev)(const CBN_T *x, ptrdiff_t m, ptrdiff_t xa, ptrdiff_t n, ptrdiff_t s,
+                                                double mu, double *dev)
 {
     double acc_dev[CBN_LANES] = {0}, acc_sq[CBN_LANES] = {0};
-    ptrdiff_t i = 0;
-    if (s == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++) {
-                double d = x[i + j] - mu;
-                acc_dev[j] += d;
-                acc_sq[j] += d * d;
-            }
-    for (; i < n; i++) {
-        double d = x[i * s] - mu;
-        acc_dev[0] += d;
-        acc_sq[0] += d * d;
+    for (ptrdiff_t r = 0; r < m; r++, x += xa) {
+        ptrdiff_t i = 0;
+        if (s == 1)
+            for (; i + CBN_LANES <= n; i += CBN_LANES)
+                for (int j = 0; j < CBN_LANES; j++) {
+                    double d = x[i + j] - mu;
+                    acc_dev[j] += d;
+                    acc_sq[j] += d * d;
+                }
+        for (; i < n; i++) {
+            double d = x[i * s] - mu;
+            acc_dev[i % CBN_LANES] += d;
+            acc_sq[i % CBN_LANES] += d * d;
+        }
     }
     *dev += cbn_tree_sum(acc_dev);
     return cbn_tree_sum(acc_sq);
 }
 
-/* y = (x - mu) * scale + shift: centred, so a constant run gives exactly shift */
-CBN_CLONES static void CBN_FN(cbn_run_affine)(const CBN_T *x, ptrdiff_t sx, CBN_T *y, ptrdiff_t sy, ptrdiff_t n,
-                                              double mu, double scale, double shift)
+/* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b */
+CBN_CLONES static void CBN_FN(cbn_run_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
+                                              ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n,
+                                              CBN_T mu_hi, CBN_T mu_lo, CBN_T scale, CBN_T shift)
 {
-    if (sx == 1 && sy == 1)
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = (CBN_T)((x[i] - mu) * scale + shift);
-    else
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i * sy] = (CBN_T)((x[i * sx] - mu) * scale + shift);
+    for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
+        if (sx == 1 && sy == 1)
+            for (ptrdiff_t i = 0; i < n; i++)
+                y[i] = ((x[i] - mu_hi) - mu_lo) * scale + shift;
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                y[i * sy] = ((x[i * sx] - mu_hi) - mu_lo) * scale + shift;
+    }
 }
 
-/* sum(dy * (x - mu)); adds sum(dy) to *sum_dy */
-CBN_CLONES static double CBN_FN(cbn_run_grad_sums)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx,
-                                                   ptrdiff_t n, double mu, double *sum_dy)
+/* sum(dy * (x - mu)) in double; adds sum(dy) to *sum_dy */
+CBN_CLONES static double CBN_FN(cbn_run_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
+                                                   ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n, double mu,
+                                                   double *sum_dy)
 {
     double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
-    ptrdiff_t i = 0;
-    if (sd == 1 && sx == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++) {
-                double g = dy[i + j];
-                acc_dy[j] += g;
-                acc_dy_xmu[j] += g * (x[i + j] - mu);
-            }
-    for (; i < n; i++) {
-        double g = dy[i * sd];
-        acc_dy[0] += g;
-        acc_dy_xmu[0] += g * (x[i * sx] - mu);
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa) {
+        ptrdiff_t i = 0;
+        if (sd == 1 && sx == 1)
+            for (; i + CBN_LANES <= n; i += CBN_LANES)
+                for (int j = 0; j < CBN_LANES; j++) {
+                    double g = dy[i + j];
+                    acc_dy[j] += g;
+                    acc_dy_xmu[j] += g * (x[i + j] - mu);
+                }
+        for (; i < n; i++) {
+            double g = dy[i * sd];
+            acc_dy[i % CBN_LANES] += g;
+            acc_dy_xmu[i % CBN_LANES] += g * (x[i * sx] - mu);
+        }
     }
     *sum_dy += cbn_tree_sum(acc_dy);
     return cbn_tree_sum(acc_dy_xmu);
 }
 
-/* dx = dy * k_dy - (x - mu) * k_xmu - k_const */
-CBN_CLONES static void CBN_FN(cbn_run_grad)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, CBN_T *dx,
-                                            ptrdiff_t so, ptrdiff_t n, double mu, double k_dy, double k_xmu,
-                                            double k_const)
+/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
+ * that the mean and xhat absorb cancels exactly before it is scaled */
+CBN_CLONES static void CBN_FN(cbn_run_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x, ptrdiff_t xa,
+                                            ptrdiff_t sx, CBN_T *dx, ptrdiff_t oa, ptrdiff_t so, ptrdiff_t m,
+                                            ptrdiff_t n, CBN_T mu_hi, CBN_T mu_lo, CBN_T dy_mean, CBN_T c_xmu,
+                                            CBN_T k_dy)
 {
-    if (sd == 1 && sx == 1 && so == 1)
-        for (ptrdiff_t i = 0; i < n; i++)
-            dx[i] = (CBN_T)(dy[i] * k_dy - (x[i] - mu) * k_xmu - k_const);
-    else
-        for (ptrdiff_t i = 0; i < n; i++)
-            dx[i * so] = (CBN_T)(dy[i * sd] * k_dy - (x[i * sx] - mu) * k_xmu - k_const);
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
+        if (sd == 1 && sx == 1 && so == 1)
+            for (ptrdiff_t i = 0; i < n; i++)
+                dx[i] = ((dy[i] - dy_mean) - ((x[i] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                dx[i * so] = ((dy[i * sd] - dy_mean) - ((x[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+    }
 }
 
 /* acc[i] += x[i] */
@@ -117,16 +139,17 @@ CBN_CLONES static void CBN_FN(cbn_cols_sq_dev)(const CBN_T *x, ptrdiff_t s, cons
         }
 }
 
-/* y[i] = (x[i] - mu[i]) * scale[i] + shift[i] */
-CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t sx, CBN_T *y, ptrdiff_t sy, const double *mu,
-                                               const double *scale, const double *shift, ptrdiff_t n)
+/* y[i] = ((x[i] - p.mu_hi[i]) - p.mu_lo[i]) * p.scale[i] + p.shift[i]; p holds 4 rows of ps values */
+CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t sx, CBN_T *y, ptrdiff_t sy, const CBN_T *p,
+                                               ptrdiff_t ps, ptrdiff_t n)
 {
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
     if (sx == 1 && sy == 1)
         for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = (CBN_T)((x[i] - mu[i]) * scale[i] + shift[i]);
+            y[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
     else
         for (ptrdiff_t i = 0; i < n; i++)
-            y[i * sy] = (CBN_T)((x[i * sx] - mu[i]) * scale[i] + shift[i]);
+            y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
 }
 
 /* sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i]) */
@@ -148,17 +171,18 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t sd,
         }
 }
 
-/* dx[i] = dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i] */
+/* dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i]; p holds 5 rows
+ * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy) of ps values */
 CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, CBN_T *dx,
-                                             ptrdiff_t so, const double *mu, const double *k_dy, const double *k_xmu,
-                                             const double *k_const, ptrdiff_t n)
+                                             ptrdiff_t so, const CBN_T *p, ptrdiff_t ps, ptrdiff_t n)
 {
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
     if (sd == 1 && sx == 1 && so == 1)
         for (ptrdiff_t i = 0; i < n; i++)
-            dx[i] = (CBN_T)(dy[i] * k_dy[i] - (x[i] - mu[i]) * k_xmu[i] - k_const[i]);
+            dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
     else
         for (ptrdiff_t i = 0; i < n; i++)
-            dx[i * so] = (CBN_T)(dy[i * sd] * k_dy[i] - (x[i * sx] - mu[i]) * k_xmu[i] - k_const[i]);
+            dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
 }
 
 #undef CBN_FN
