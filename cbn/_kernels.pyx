@@ -77,22 +77,26 @@ cdef extern from "cbn_loops.h" nogil:
                                      Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
                                      Py_ssize_t n, double mu_hi, double mu_lo, double dy_mean, double c_xmu,
                                      double k_dy)
-    void cols_add_f "cbn_cols_add_f"(const float *x, Py_ssize_t s, double *acc, Py_ssize_t n)
-    void cols_add_d "cbn_cols_add_d"(const double *x, Py_ssize_t s, double *acc, Py_ssize_t n)
-    void cols_sq_dev_f "cbn_cols_sq_dev_f"(const float *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
-    void cols_sq_dev_d "cbn_cols_sq_dev_d"(const double *x, Py_ssize_t s, const double *mu, double *acc, Py_ssize_t n)
-    void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t sx, float *y, Py_ssize_t sy, const float *p,
-                                           Py_ssize_t ps, Py_ssize_t n)
-    void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t sx, double *y, Py_ssize_t sy, const double *p,
-                                           Py_ssize_t ps, Py_ssize_t n)
-    void cols_grad_sums_f "cbn_cols_grad_sums_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx,
-                                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
-    void cols_grad_sums_d "cbn_cols_grad_sums_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx,
-                                                 const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n)
-    void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t sd, const float *x, Py_ssize_t sx, float *dx,
-                                       Py_ssize_t so, const float *p, Py_ssize_t ps, Py_ssize_t n)
-    void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t sd, const double *x, Py_ssize_t sx, double *dx,
-                                       Py_ssize_t so, const double *p, Py_ssize_t ps, Py_ssize_t n)
+    void cols_stats_f "cbn_cols_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                         double *mean, double *m2)
+    void cols_stats_d "cbn_cols_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                         double *mean, double *m2)
+    void cols_grad_sums_f "cbn_cols_grad_sums_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x,
+                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                                 const double *mu, double *sum_dy, double *sum_dy_xmu)
+    void cols_grad_sums_d "cbn_cols_grad_sums_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x,
+                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
+                                                 const double *mu, double *sum_dy, double *sum_dy_xmu)
+    void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
+                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps)
+    void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, double *y, Py_ssize_t ya,
+                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps)
+    void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
+                                       Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
+                                       Py_ssize_t n, const float *p, Py_ssize_t ps)
+    void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa,
+                                       Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
+                                       Py_ssize_t n, const double *p, Py_ssize_t ps)
 
 
 # The run fronts take a View and a tile: runs a0:a1 of channel c, values b0:b1.
@@ -148,45 +152,6 @@ cdef inline void run_grad(const View *dy, const View *x, const View *dx, Py_ssiz
                    at(dx, a0, c, b0, kind), dx.sa, dx.sb, a1 - a0, b1 - b0, p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps])
 
 
-cdef inline void cols_add(const floating *x, Py_ssize_t s, double *acc, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cols_add_f(x, s, acc, n)
-    else:
-        cols_add_d(x, s, acc, n)
-
-
-cdef inline void cols_sq_dev(const floating *x, Py_ssize_t s, const double *mu, double *acc,
-                             Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cols_sq_dev_f(x, s, mu, acc, n)
-    else:
-        cols_sq_dev_d(x, s, mu, acc, n)
-
-
-cdef inline void cols_affine(const floating *x, Py_ssize_t sx, floating *y, Py_ssize_t sy, const floating *p,
-                             Py_ssize_t ps, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cols_affine_f(x, sx, y, sy, p, ps, n)
-    else:
-        cols_affine_d(x, sx, y, sy, p, ps, n)
-
-
-cdef inline void cols_grad_sums(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx,
-                                const double *mu, double *sum_dy, double *sum_dy_xmu, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cols_grad_sums_f(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
-    else:
-        cols_grad_sums_d(dy, sd, x, sx, mu, sum_dy, sum_dy_xmu, n)
-
-
-cdef inline void cols_grad(const floating *dy, Py_ssize_t sd, const floating *x, Py_ssize_t sx, floating *dx,
-                           Py_ssize_t so, const floating *p, Py_ssize_t ps, Py_ssize_t n) noexcept nogil:
-    if floating is float:
-        cols_grad_f(dy, sd, x, sx, dx, so, p, ps, n)
-    else:
-        cols_grad_d(dy, sd, x, sx, dx, so, p, ps, n)
-
-
 # ==========================================================================
 # Views, the work grid, scratch memory
 
@@ -214,10 +179,12 @@ cdef inline Py_ssize_t magnitude(Py_ssize_t n) noexcept nogil:
 
 
 cdef struct Grid:
-    Py_ssize_t A, C, B, R           # R = A * B rows (column mode)
+    Py_ssize_t A, C, B, R           # R = A * B values per channel
     bint columns                    # column mode?
     Py_ssize_t ta, tb, na, nb       # row mode: tile extents, tiles per channel along a and b
-    Py_ssize_t tr, tc, nr, nc       # column mode: chunk extents and counts
+    bint rows_along_b               # column mode: rows run along b (B > 1), else along a
+    Py_ssize_t L, per               # column mode: rows per outer index, chunks per outer index
+    Py_ssize_t tr, tc, nr, nc       # column mode: chunk extents, row chunks, channel tiles
     Py_ssize_t tasks
 
 
@@ -235,9 +202,14 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
     g.ta = max(1, min(g.A, chunk // g.tb))
     g.na = (g.A + g.ta - 1) // g.ta
     g.nb = (g.B + g.tb - 1) // g.tb
+    # column mode: a chunk is rows r0:r1 with one stride (along a when B == 1,
+    # else along b for one a), channels c0:c1
+    g.rows_along_b = g.B > 1
+    g.L = g.B if g.rows_along_b else g.A
     g.tc = max(1, min(g.C, chunk // COLUMN_ROWS))
-    g.tr = max(1, min(g.R, chunk // g.tc))
-    g.nr = (g.R + g.tr - 1) // g.tr
+    g.tr = max(1, min(g.L, chunk // g.tc))
+    g.per = (g.L + g.tr - 1) // g.tr
+    g.nr = g.per * (g.A if g.rows_along_b else 1)
     g.nc = (g.C + g.tc - 1) // g.tc
     g.tasks = g.nr * g.nc if g.columns else g.C * g.na * g.nb
     return g
@@ -257,7 +229,7 @@ cdef struct RowTile:
 
 
 cdef struct ColumnChunk:
-    Py_ssize_t j, r0, r1, c0, c1
+    Py_ssize_t j, o, r0, r1, c0, c1
 
 
 cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
@@ -274,19 +246,76 @@ cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
 
 
 cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil:
-    """Column-mode task k (row-chunk-major): chunk j = rows r0:r1, channels c0:c1."""
+    """Column-mode task k (row-chunk-major): row chunk j = rows r0:r1 of outer index o, channels c0:c1."""
     cdef ColumnChunk t
     t.j = k // g.nc
-    t.r0 = t.j * g.tr
-    t.r1 = min(t.r0 + g.tr, g.R)
+    t.o = t.j // g.per
+    t.r0 = (t.j % g.per) * g.tr
+    t.r1 = min(t.r0 + g.tr, g.L)
     t.c0 = (k % g.nc) * g.tc
     t.c1 = min(t.c0 + g.tc, g.C)
     return t
 
 
-cdef inline floating *row_at(const View *w, const Grid *g, Py_ssize_t r, Py_ssize_t c, floating *kind) noexcept nogil:
-    """Address of channel c in column-mode row r = (a, b)."""
-    return at(w, r // g.B, c, r % g.B, kind)
+cdef inline Py_ssize_t chunk_rows(const Grid *g, Py_ssize_t j) noexcept nogil:
+    """Rows in row chunk j."""
+    cdef Py_ssize_t r0 = (j % g.per) * g.tr
+    return min(r0 + g.tr, g.L) - r0
+
+
+cdef inline floating *chunk_at(const View *w, const Grid *g, const ColumnChunk *t, floating *kind) noexcept nogil:
+    """Address of the chunk's first row and channel."""
+    if g.rows_along_b:
+        return at(w, t.o, t.c0, t.r0, kind)
+    return at(w, t.r0, t.c0, 0, kind)
+
+
+cdef inline Py_ssize_t row_stride(const View *w, const Grid *g) noexcept nogil:
+    return w.sb if g.rows_along_b else w.sa
+
+
+# The column fronts take a View and a chunk: rows r0:r1 (of outer index o) and
+# channels c0:c1.
+
+cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
+                            floating *kind) noexcept nogil:
+    if floating is float:
+        cols_stats_f(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
+    else:
+        cols_stats_d(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
+
+
+cdef inline void cols_grad_sums(const View *dy, const View *x, const Grid *g, const ColumnChunk *t, const double *mu,
+                                double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
+    if floating is float:
+        cols_grad_sums_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
+                         row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
+    else:
+        cols_grad_sums_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
+                         row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
+
+
+cdef inline void cols_affine(const View *x, const View *y, const Grid *g, const ColumnChunk *t, const floating *p,
+                             Py_ssize_t ps) noexcept nogil:
+    cdef floating *kind = NULL
+    if floating is float:
+        cols_affine_f(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+    else:
+        cols_affine_d(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+
+
+cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const Grid *g, const ColumnChunk *t,
+                           const floating *p, Py_ssize_t ps) noexcept nogil:
+    cdef floating *kind = NULL
+    if floating is float:
+        cols_grad_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind), row_stride(x, g),
+                    x.sc, chunk_at(dx, g, t, kind), row_stride(dx, g), dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+    else:
+        cols_grad_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind), row_stride(x, g),
+                    x.sc, chunk_at(dx, g, t, kind), row_stride(dx, g), dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+
 
 
 cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
@@ -341,17 +370,9 @@ cdef void stats_row_task(const View *x, const Grid *g, Py_ssize_t k, double *par
 
 cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *part_mean, double *part_m2,
                             floating *kind) noexcept nogil:
-    """Chunk k's per-channel mean and M2 into row j of the partials (two-pass)."""
+    """Chunk k's per-channel mean and M2 into row j of the partials."""
     cdef ColumnChunk t = column_chunk(g, k)
-    cdef double *mean = &part_mean[t.j * g.C + t.c0]
-    cdef double *m2 = &part_m2[t.j * g.C + t.c0]
-    cdef Py_ssize_t r, i
-    for r in range(t.r0, t.r1):
-        cols_add(row_at(x, g, r, t.c0, kind), x.sc, mean, t.c1 - t.c0)
-    for i in range(t.c1 - t.c0):
-        mean[i] = mean[i] / (t.r1 - t.r0)
-    for r in range(t.r0, t.r1):  # the chunk is still in cache
-        cols_sq_dev(row_at(x, g, r, t.c0, kind), x.sc, mean, m2, t.c1 - t.c0)
+    cols_stats(x, g, &t, &part_mean[t.j * g.C + t.c0], &part_m2[t.j * g.C + t.c0], kind)
 
 
 cdef inline Py_ssize_t partials_size(const Grid *g) noexcept nogil:
@@ -378,8 +399,7 @@ cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, d
             mu = 0
             s2 = 0
             for j in range(g.nr):
-                chan_merge(&n, &mu, &s2, <double>(min(j * g.tr + g.tr, g.R) - j * g.tr),
-                           part[j * g.C + c], part_m2[j * g.C + c])
+                chan_merge(&n, &mu, &s2, <double>chunk_rows(g, j), part[j * g.C + c], part_m2[j * g.C + c])
             mean[c] = mu
             m2[c] = s2
     else:
@@ -426,12 +446,10 @@ cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k,
     """Task k of y = (x - mean) * scale + shift; p holds 4 rows of C parameters."""
     cdef RowTile t
     cdef ColumnChunk h
-    cdef Py_ssize_t a, r
+
     if g.columns:
         h = column_chunk(g, k)
-        for r in range(h.r0, h.r1):
-            cols_affine(row_at(x, g, r, h.c0, kind), x.sc, row_at(y, g, r, h.c0, kind), y.sc, p + h.c0, g.C,
-                        h.c1 - h.c0)
+        cols_affine(x, y, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
         run_affine(x, y, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)
@@ -561,13 +579,11 @@ cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_
     """Task k's sum(dy) and sum(dy * (x - mean)) into its partial slots."""
     cdef RowTile t
     cdef ColumnChunk h
-    cdef Py_ssize_t a, r
+
     cdef double s_dy = 0, s_dy_xmu = 0
     if g.columns:
         h = column_chunk(g, k)
-        for r in range(h.r0, h.r1):
-            cols_grad_sums(row_at(dy, g, r, h.c0, kind), dy.sc, row_at(x, g, r, h.c0, kind), x.sc, &mean[h.c0],
-                           &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0], h.c1 - h.c0)
+        cols_grad_sums(dy, x, g, &h, &mean[h.c0], &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0], kind)
     else:
         t = row_tile(g, k)
         s_dy_xmu = run_grad_sums(dy, x, t.c, t.a0, t.a1, t.b0, t.b1, mean[t.c], &s_dy, kind)
@@ -608,12 +624,10 @@ cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g
     """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C."""
     cdef RowTile t
     cdef ColumnChunk h
-    cdef Py_ssize_t a, r
+
     if g.columns:
         h = column_chunk(g, k)
-        for r in range(h.r0, h.r1):
-            cols_grad(row_at(dy, g, r, h.c0, kind), dy.sc, row_at(x, g, r, h.c0, kind), x.sc,
-                      row_at(dx, g, r, h.c0, kind), dx.sc, p + h.c0, g.C, h.c1 - h.c0)
+        cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
         run_grad(dy, x, dx, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)

@@ -20,12 +20,8 @@
 #endif
 
 #define CBN_LANES 16
+#define CBN_COLS 256
 
-#if defined(_MSC_VER)
-#define CBN_RESTRICT __restrict
-#else
-#define CBN_RESTRICT restrict
-#endif
 
 /* Sum of acc[0:CBN_LANES] in a fixed pairwise order. */
 static inline double cbn_tree_sum(const double *acc)

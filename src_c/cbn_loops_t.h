@@ -112,77 +112,112 @@ CBN_CLONES static void CBN_FN(cbn_run_grad)(const CBN_T *dy, ptrdiff_t da, ptrdi
     }
 }
 
-/* acc[i] += x[i] */
-CBN_CLONES static void CBN_FN(cbn_cols_add)(const CBN_T *x, ptrdiff_t s, double *CBN_RESTRICT acc, ptrdiff_t n)
+/* The column loops walk m rows of n channels: row r of x starts at x + r * xa,
+ * channel i of a row is at i * sx.  Rows are read in memory order; the
+ * per-channel accumulators (CBN_COLS channels at a time) stay in L1. */
+
+/* Per channel: mean and M2 = sum((x - mean)**2) of the m rows, two-pass (the
+ * rows are small enough to stay in cache), written to mean[i] and m2[i]. */
+CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
+                                              double *mean, double *m2)
 {
-    if (s == 1)
-        for (ptrdiff_t i = 0; i < n; i++)
-            acc[i] += x[i];
-    else
-        for (ptrdiff_t i = 0; i < n; i++)
-            acc[i] += x[i * s];
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
+        const CBN_T *xc = x + c0 * sx;
+        ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
+        double mu[CBN_COLS] = {0}, dev[CBN_COLS] = {0}, sq[CBN_COLS] = {0};
+        for (ptrdiff_t r = 0; r < m; r++) {
+            const CBN_T *row = xc + r * xa;
+            if (sx == 1)
+                for (ptrdiff_t i = 0; i < w; i++)
+                    mu[i] += row[i];
+            else
+                for (ptrdiff_t i = 0; i < w; i++)
+                    mu[i] += row[i * sx];
+        }
+        for (ptrdiff_t i = 0; i < w; i++)
+            mu[i] /= m;
+        for (ptrdiff_t r = 0; r < m; r++) {
+            const CBN_T *row = xc + r * xa;
+            if (sx == 1)
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double d = row[i] - mu[i];
+                    dev[i] += d;
+                    sq[i] += d * d;
+                }
+            else
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double d = row[i * sx] - mu[i];
+                    dev[i] += d;
+                    sq[i] += d * d;
+                }
+        }
+        for (ptrdiff_t i = 0; i < w; i++) {  /* corrected two-pass */
+            double q = sq[i] - dev[i] * dev[i] / m;
+            mean[c0 + i] = mu[i] + dev[i] / m;
+            m2[c0 + i] = q > 0 ? q : 0.0;
+        }
+    }
 }
 
-/* acc[i] += (x[i] - mu[i])**2 */
-CBN_CLONES static void CBN_FN(cbn_cols_sq_dev)(const CBN_T *x, ptrdiff_t s, const double *mu, double *CBN_RESTRICT acc,
-                                               ptrdiff_t n)
+/* Per channel: sum_dy[i] = sum(dy), sum_dy_xmu[i] = sum(dy * (x - mu[i])) over the m rows. */
+CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
+                                                  ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
+                                                  const double *mu, double *sum_dy, double *sum_dy_xmu)
 {
-    if (s == 1)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double d = x[i] - mu[i];
-            acc[i] += d * d;
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
+        ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
+        double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
+        for (ptrdiff_t r = 0; r < m; r++) {
+            const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
+            if (sd == 1 && sx == 1)
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    acc_dy[i] += g[i];
+                    acc_dy_xmu[i] += g[i] * (v[i] - mu[c0 + i]);
+                }
+            else
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    acc_dy[i] += g[i * sd];
+                    acc_dy_xmu[i] += g[i * sd] * (v[i * sx] - mu[c0 + i]);
+                }
         }
-    else
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double d = x[i * s] - mu[i];
-            acc[i] += d * d;
+        for (ptrdiff_t i = 0; i < w; i++) {
+            sum_dy[c0 + i] = acc_dy[i];
+            sum_dy_xmu[c0 + i] = acc_dy_xmu[i];
         }
+    }
 }
 
-/* y[i] = ((x[i] - p.mu_hi[i]) - p.mu_lo[i]) * p.scale[i] + p.shift[i]; p holds 4 rows of ps values */
-CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t sx, CBN_T *y, ptrdiff_t sy, const CBN_T *p,
-                                               ptrdiff_t ps, ptrdiff_t n)
+/* y = ((x - mu_hi) - mu_lo) * scale + shift per channel; p holds 4 rows (mu_hi, mu_lo, scale, shift)
+ * of ps values */
+CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
+                                               ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
-    if (sx == 1 && sy == 1)
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
-    else
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+    for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
+        if (sx == 1 && sy == 1)
+            for (ptrdiff_t i = 0; i < n; i++)
+                y[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+    }
 }
 
-/* sum_dy[i] += dy[i]; sum_dy_xmu[i] += dy[i] * (x[i] - mu[i]) */
-CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx,
-                                                  const double *mu, double *CBN_RESTRICT sum_dy,
-                                                  double *CBN_RESTRICT sum_dy_xmu, ptrdiff_t n)
-{
-    if (sd == 1 && sx == 1)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double g = dy[i];
-            sum_dy[i] += g;
-            sum_dy_xmu[i] += g * (x[i] - mu[i]);
-        }
-    else
-        for (ptrdiff_t i = 0; i < n; i++) {
-            double g = dy[i * sd];
-            sum_dy[i] += g;
-            sum_dy_xmu[i] += g * (x[i * sx] - mu[i]);
-        }
-}
-
-/* dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i]; p holds 5 rows
+/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy per channel; p holds 5 rows
  * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy) of ps values */
-CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, CBN_T *dx,
-                                             ptrdiff_t so, const CBN_T *p, ptrdiff_t ps, ptrdiff_t n)
+CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x, ptrdiff_t xa,
+                                             ptrdiff_t sx, CBN_T *dx, ptrdiff_t oa, ptrdiff_t so, ptrdiff_t m,
+                                             ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
-    if (sd == 1 && sx == 1 && so == 1)
-        for (ptrdiff_t i = 0; i < n; i++)
-            dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
-    else
-        for (ptrdiff_t i = 0; i < n; i++)
-            dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
+        if (sd == 1 && sx == 1 && so == 1)
+            for (ptrdiff_t i = 0; i < n; i++)
+                dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+    }
 }
 
 #undef CBN_FN
