@@ -13,8 +13,15 @@ _EXAMPLE_SETUP = """
 # Shared steps
 
 
+_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
+_FORWARD_OUTPUTS = ("y", "mean", "invstd")
+_BACKWARD_OUTPUTS = ("dx", "dgamma", "dbeta")
+
+
 def _bulk_input(value, name):
     """A bulk input as an ndarray the kernels can read (native, aligned)."""
+    if type(value) is np.ndarray and value.dtype in _KERNEL_DTYPES and value.flags.aligned:
+        return value  # the common case, checked cheaply
     arr = _args.as_real_array(value, name)
     if not (arr.dtype.isnative and arr.flags.aligned):
         arr = arr.astype(arr.dtype.newbyteorder("="), order="K")
@@ -51,7 +58,7 @@ def _bulk_target(out, like, dtype, inputs):
 def _deliver(result, out, dtype):
     """Return ``result`` as ``dtype``, written into ``out`` when given."""
     if out is None:
-        return result if result.dtype == dtype else result.astype(dtype)
+        return result if result.dtype == dtype else result.astype(dtype, copy=False)
     if result is not out:
         np.copyto(out, result, casting="same_kind")
     return out
@@ -104,6 +111,8 @@ def _per_block(rows, grid):
 
 def _from_blocks(per, cshape):
     """Inverse of _per_block: (n, *cshape)."""
+    if per.ndim == 2 and len(cshape) == 1:
+        return per
     return np.moveaxis(per, -2, 0).reshape((per.shape[-2], *cshape))
 
 
@@ -218,9 +227,12 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
 
     xc = _as_compute(x, work)
     y = _bulk_target(out_y, xc, work, [xc])
-    mean, var, invstd = _train(xc, y, axes, cshape, count, gamma, beta, eps)
+    stats = _train(xc, y, axes, cshape, count, gamma, beta, eps)
+    mean, var, invstd = stats
     if running_mean is not None:
         _update_running(running_mean, running_var, mean, var, count, momentum)
+    if out_mean is None and out_invstd is None:  # one conversion for both
+        mean, _, invstd = _deliver(stats, None, work)
     return (
         _deliver(y, out_y, result),
         _deliver(mean, out_mean, work),
@@ -358,9 +370,8 @@ def batch_norm_forward(
     >>> mean.shape, invstd.dtype
     ((4,), dtype('float32'))
     """
-    names = ("y", "mean", "invstd")
-    outs = _args.outputs(out, names, "batch_norm_forward")
-    labels = _args.out_labels(names)
+    outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
+    labels = _args.out_labels(_FORWARD_OUTPUTS)
     return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, labels))
 
 
@@ -403,9 +414,8 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     >>> bool(np.allclose(dx, 0, atol=1e-5))  # a constant gradient is absorbed by the mean
     True
     """
-    names = ("dx", "dgamma", "dbeta")
-    out_dx, out_dgamma, out_dbeta = _args.outputs(out, names, "batch_norm_backward")
-    labels = _args.out_labels(names)
+    out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
+    labels = _args.out_labels(_BACKWARD_OUTPUTS)
     dy = _bulk_input(dy, "dy")
     x = _bulk_input(x, "x")
     if dy.shape != x.shape:

@@ -3,6 +3,7 @@
 Everything here runs before any computation, so a bad call raises without
 touching caller data.  Errors name the argument at fault.
 """
+import functools
 import math
 import operator
 
@@ -39,7 +40,7 @@ def result_dtype(*arrays):
     float16, float32 and float64 stay themselves (the widest of the inputs);
     bool and integer inputs give float64.
     """
-    dtype = np.result_type(*arrays)
+    dtype = arrays[0].dtype if len(arrays) == 1 else np.result_type(*arrays)
     return np.dtype(np.float64) if dtype.kind in "biu" else dtype
 
 
@@ -50,6 +51,8 @@ def compute_dtype(result):
 
 def channel_axes(channel_axis, ndim):
     """Normalize ``channel_axis`` (int or tuple of ints) to non-negative ints."""
+    if type(channel_axis) is int and -ndim <= channel_axis < ndim:
+        return (channel_axis % ndim,)
     axes = channel_axis if isinstance(channel_axis, tuple) else (channel_axis,)
     if not axes:
         raise ValueError("channel_axis must name at least one axis")
@@ -73,7 +76,11 @@ def channel_shape(shape, axes):
 
 def values_per_channel(shape, axes):
     """How many values share each channel (product of the reduced extents)."""
-    return math.prod(n for i, n in enumerate(shape) if i not in axes)
+    count = 1
+    for i, n in enumerate(shape):
+        if i not in axes:
+            count *= n
+    return count
 
 
 def per_channel(value, name, cshape):
@@ -99,6 +106,8 @@ def running_stat(value, name, cshape):
 
 def scalar(value, name, low, high):
     """A real scalar within [low, high]."""
+    if type(value) is float and low <= value <= high and value != math.inf:
+        return value
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -130,6 +139,7 @@ def outputs(out, names, func):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def out_labels(names):
     """How errors name each ``out=`` entry: ``out``, or ``out[1] (mean)``."""
     if len(names) == 1:

@@ -39,11 +39,14 @@ class Layout:
         self.channel_grid = channel_grid
         # >1 when a channel's values are spread over several blocks, whose
         # partial results must then be merged
-        self.reduced_blocks = math.prod(views[0].shape[n_outer_channel:-3])
+        self.reduced_blocks = math.prod(views[0].shape[n_outer_channel:-3]) if views[0].ndim > 3 else 1
 
     def blocks(self):
         """Yield (channel index, views of one block), in a fixed order."""
         outer_shape = self.views[0].shape[:-3]
+        if not outer_shape:
+            yield (), self.views
+            return
         for index in itertools.product(*map(range, outer_shape)):
             yield index[: self.n_outer_channel], tuple(v[index] for v in self.views)
 
@@ -52,10 +55,14 @@ def plan(operands, axes):
     """A :class:`Layout` for same-shaped ``operands`` (ndarrays), x first."""
     x = operands[0]
     shape = x.shape
-    if len(axes) == 1 and all(op.flags.c_contiguous for op in operands):
-        k = axes[0]
-        abc = (math.prod(shape[:k]), shape[k], math.prod(shape[k + 1 :]))
-        return Layout(tuple(op.reshape(abc) for op in operands), 0, (shape[k],))
+    if len(axes) == 1:
+        for op in operands:
+            if not op.flags.c_contiguous:
+                break
+        else:  # the common case: a reshape
+            k = axes[0]
+            abc = (math.prod(shape[:k]), shape[k], math.prod(shape[k + 1 :]))
+            return Layout([op.reshape(abc) for op in operands], 0, (shape[k],))
 
     flips = tuple(
         slice(None, None, -1) if (i not in axes and x.strides[i] < 0) else slice(None) for i in range(x.ndim)
@@ -115,5 +122,7 @@ def empty_like_layout(x, dtype):
     Axes that run backwards in x run backwards in the result too, so that x
     and the result merge into the same (A, C, B) views.
     """
+    if x.flags.c_contiguous:
+        return np.empty(x.shape, dtype)
     flips = tuple(slice(None, None, -1) if s < 0 else slice(None) for s in x.strides)
     return np.empty_like(x[flips], dtype=dtype)[flips]
