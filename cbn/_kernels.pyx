@@ -549,16 +549,18 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
     if g.columns or A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
         # no cache reuse possible: a statistics pass, then a normalize pass
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
-        p = <floating *>scratch(4 * C, sizeof(floating), False)
-        with nogil:
-            grid_stats(&xv, &g, part, mean, var, kind)
-            for c in range(C):
-                finish_channel(var[c], <double>(A * B), eps, gam[c] if gam != NULL else 1.0,
-                               &var[c], &invstd[c], &scale)
-                set_affine(p, C, c, mean[c], scale, bet[c] if bet != NULL else 0.0)
-            grid_affine(&xv, &yv, &g, p, kind)
-        free(part)
-        free(p)
+        try:
+            p = <floating *>scratch(4 * C, sizeof(floating), False)
+            with nogil:
+                grid_stats(&xv, &g, part, mean, var, kind)
+                for c in range(C):
+                    finish_channel(var[c], <double>(A * B), eps, gam[c] if gam != NULL else 1.0,
+                                   &var[c], &invstd[c], &scale)
+                    set_affine(p, C, c, mean[c], scale, bet[c] if bet != NULL else 0.0)
+                grid_affine(&xv, &yv, &g, p, kind)
+            free(p)
+        finally:
+            free(part)
         return
     # fused: each channel's block is read from memory once, then served from L2
     nt = n_threads(2 * A * B * C * sizeof(floating), C)
@@ -700,14 +702,16 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     g = make_grid(x)
     if g.columns or 2 * A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
-        p = <floating *>scratch(5 * C, sizeof(floating), False)
-        with nogil:
-            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
-            for c in range(C):
-                set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
-            grid_grad(&dyv, &xv, &dxv, &g, p, kind)
-        free(part)
-        free(p)
+        try:
+            p = <floating *>scratch(5 * C, sizeof(floating), False)
+            with nogil:
+                grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
+                for c in range(C):
+                    set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
+                grid_grad(&dyv, &xv, &dxv, &g, p, kind)
+            free(p)
+        finally:
+            free(part)
         return
     # fused: a channel's dy and x blocks are read once, dx computed from L2
     nt = n_threads(3 * A * B * C * sizeof(floating), C)
