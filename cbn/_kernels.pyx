@@ -10,9 +10,10 @@ per operation); per-channel arrays are float64.
 Two traversals, chosen from x's strides:
 
 * row mode (NCHW-like, B is the finer axis): a channel is A runs of B values.
-  A channel whose block fits in L2 is done start to finish by one thread
-  (statistics, then normalize or gradient, while the block is cached), so
-  the data is read from memory once.  Larger channels are cut into tiles.
+  When a channel's block fits in L2, groups of channels are done start to
+  finish by one thread (statistics, then normalize or gradient, while the
+  blocks are cached), so the data is read from memory once.  Otherwise the
+  view is cut into (a, c, b) tiles.
 * column mode (NC, NHWC: C is the finer axis): rows of C channels, cut into
   chunks of rows whose per-channel partial results are merged afterwards.
 
@@ -42,9 +43,12 @@ cdef Py_ssize_t FUSE_BYTES = 1 << 20
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Below this much data a parallel region costs more than it saves.
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
-# Column-mode chunks have at least this many rows, so that their partial
-# results (one per channel and chunk) stay small next to the data.
-cdef Py_ssize_t COLUMN_ROWS = 256
+# Tiles cover at least this many values per channel, so that their partial
+# results (one per channel and tile) stay small next to the data.
+cdef Py_ssize_t MIN_TILE_VALUES = 256
+
+
+# ==========================================================================
 
 
 # ==========================================================================
@@ -52,31 +56,37 @@ cdef Py_ssize_t COLUMN_ROWS = 256
 # or the double instance.
 
 cdef extern from "cbn_loops.h" nogil:
-    double run_sum_f "cbn_run_sum_f"(const float *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s)
-    double run_sum_d "cbn_run_sum_d"(const double *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s)
-    double run_sq_dev_f "cbn_run_sq_dev_f"(const float *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s,
-                                           double mu, double *dev)
-    double run_sq_dev_d "cbn_run_sq_dev_d"(const double *x, Py_ssize_t m, Py_ssize_t xa, Py_ssize_t n, Py_ssize_t s,
-                                           double mu, double *dev)
-    void run_affine_f "cbn_run_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
-                                         Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n,
-                                         float mu_hi, float mu_lo, float scale, float shift)
-    void run_affine_d "cbn_run_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, double *y, Py_ssize_t ya,
-                                         Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n,
-                                         double mu_hi, double mu_lo, double scale, double shift)
-    double run_grad_sums_f "cbn_run_grad_sums_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x,
-                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
-                                                 double mu, double *sum_dy)
-    double run_grad_sums_d "cbn_run_grad_sums_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x,
-                                                 Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
-                                                 double mu, double *sum_dy)
-    void run_grad_f "cbn_run_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
-                                     Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
-                                     Py_ssize_t n, float mu_hi, float mu_lo, float dy_mean, float c_xmu, float k_dy)
-    void run_grad_d "cbn_run_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa,
-                                     Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
-                                     Py_ssize_t n, double mu_hi, double mu_lo, double dy_mean, double c_xmu,
-                                     double k_dy)
+    void group_sum_f "cbn_group_sum_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
+                                       Py_ssize_t g, Py_ssize_t n, double *sums)
+    void group_sum_d "cbn_group_sum_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
+                                       Py_ssize_t g, Py_ssize_t n, double *sums)
+    void group_sq_dev_f "cbn_group_sq_dev_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
+                                             Py_ssize_t g, Py_ssize_t n, const double *mu, double *dev, double *sq)
+    void group_sq_dev_d "cbn_group_sq_dev_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s,
+                                             Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu, double *dev,
+                                             double *sq)
+    void group_affine_f "cbn_group_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *y,
+                                             Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
+                                             Py_ssize_t n, const float *p, Py_ssize_t ps)
+    void group_affine_d "cbn_group_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *y,
+                                             Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
+                                             Py_ssize_t n, const double *p, Py_ssize_t ps)
+    void group_grad_sums_f "cbn_group_grad_sums_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
+                                                   const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
+                                                   Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu,
+                                                   double *sum_dy, double *sum_dy_xmu)
+    void group_grad_sums_d "cbn_group_grad_sums_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
+                                                   const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
+                                                   Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu,
+                                                   double *sum_dy, double *sum_dy_xmu)
+    void group_grad_f "cbn_group_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const float *x,
+                                         Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dx, Py_ssize_t oa,
+                                         Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
+                                         const float *p, Py_ssize_t ps)
+    void group_grad_d "cbn_group_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
+                                         const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *dx,
+                                         Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
+                                         Py_ssize_t n, const double *p, Py_ssize_t ps)
     void cols_stats_f "cbn_cols_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                          double *mean, double *m2)
     void cols_stats_d "cbn_cols_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
@@ -97,59 +107,6 @@ cdef extern from "cbn_loops.h" nogil:
     void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa,
                                        Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
                                        Py_ssize_t n, const double *p, Py_ssize_t ps)
-
-
-# The run fronts take a View and a tile: runs a0:a1 of channel c, values b0:b1.
-
-cdef inline double run_sum(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
-                           floating *kind) noexcept nogil:
-    if floating is float:
-        return run_sum_f(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb)
-    else:
-        return run_sum_d(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb)
-
-
-cdef inline double run_sq_dev(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0,
-                              Py_ssize_t b1, double mu, double *dev, floating *kind) noexcept nogil:
-    if floating is float:
-        return run_sq_dev_f(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb, mu, dev)
-    else:
-        return run_sq_dev_d(at(x, a0, c, b0, kind), a1 - a0, x.sa, b1 - b0, x.sb, mu, dev)
-
-
-cdef inline void run_affine(const View *x, const View *y, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0,
-                            Py_ssize_t b1, const floating *p, Py_ssize_t ps) noexcept nogil:
-    """p points at channel c's (mu_hi, mu_lo, scale, shift), ps apart."""
-    cdef floating *kind = NULL
-    if floating is float:
-        run_affine_f(at(x, a0, c, b0, kind), x.sa, x.sb, at(y, a0, c, b0, kind), y.sa, y.sb, a1 - a0, b1 - b0,
-                     p[0], p[ps], p[2 * ps], p[3 * ps])
-    else:
-        run_affine_d(at(x, a0, c, b0, kind), x.sa, x.sb, at(y, a0, c, b0, kind), y.sa, y.sb, a1 - a0, b1 - b0,
-                     p[0], p[ps], p[2 * ps], p[3 * ps])
-
-
-cdef inline double run_grad_sums(const View *dy, const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1,
-                                 Py_ssize_t b0, Py_ssize_t b1, double mu, double *sum_dy,
-                                 floating *kind) noexcept nogil:
-    if floating is float:
-        return run_grad_sums_f(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
-                               a1 - a0, b1 - b0, mu, sum_dy)
-    else:
-        return run_grad_sums_d(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
-                               a1 - a0, b1 - b0, mu, sum_dy)
-
-
-cdef inline void run_grad(const View *dy, const View *x, const View *dx, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1,
-                          Py_ssize_t b0, Py_ssize_t b1, const floating *p, Py_ssize_t ps) noexcept nogil:
-    """p points at channel c's (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), ps apart."""
-    cdef floating *kind = NULL
-    if floating is float:
-        run_grad_f(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
-                   at(dx, a0, c, b0, kind), dx.sa, dx.sb, a1 - a0, b1 - b0, p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps])
-    else:
-        run_grad_d(at(dy, a0, c, b0, kind), dy.sa, dy.sb, at(x, a0, c, b0, kind), x.sa, x.sb,
-                   at(dx, a0, c, b0, kind), dx.sa, dx.sb, a1 - a0, b1 - b0, p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps])
 
 
 # ==========================================================================
@@ -178,13 +135,21 @@ cdef inline Py_ssize_t magnitude(Py_ssize_t n) noexcept nogil:
     return -n if n < 0 else n
 
 
+cdef inline Py_ssize_t clamp(Py_ssize_t n, Py_ssize_t high) noexcept nogil:
+    """n within [1, max(high, 1)]."""
+    return max(1, min(n, high))
+
+
 cdef struct Grid:
     Py_ssize_t A, C, B, R           # R = A * B values per channel
     bint columns                    # column mode?
-    Py_ssize_t ta, tb, na, nb       # row mode: tile extents, tiles per channel along a and b
-    bint rows_along_b               # column mode: rows run along b (B > 1), else along a
-    Py_ssize_t L, per               # column mode: rows per outer index, chunks per outer index
-    Py_ssize_t tr, tc, nr, nc       # column mode: chunk extents, row chunks, channel tiles
+    # row mode: tiles of ta x tc x tb, na x nct x nb of them, a-major
+    Py_ssize_t ta, tct, tb, na, nct, nb
+    # column mode: a chunk is rows r0:r1 with one stride (along a when B == 1,
+    # else along b for one a, the outer index), and channels c0:c1
+    bint rows_along_b
+    Py_ssize_t L, per               # rows per outer index, row chunks per outer index
+    Py_ssize_t tr, tc, nr, nc       # chunk extents, row chunks, channel tiles
     Py_ssize_t tasks
 
 
@@ -198,20 +163,20 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
     g.B = x.shape[2]
     g.R = g.A * g.B
     g.columns = g.B == 1 or (g.C > 1 and magnitude(sc) < magnitude(sb))
-    g.tb = max(1, min(g.B, chunk))
-    g.ta = max(1, min(g.A, chunk // g.tb))
+    g.tb = clamp(g.B, chunk)
+    g.tct = clamp(g.C, chunk // max(g.tb, MIN_TILE_VALUES))
+    g.ta = clamp(g.A, chunk // (g.tb * g.tct))
     g.na = (g.A + g.ta - 1) // g.ta
+    g.nct = (g.C + g.tct - 1) // g.tct
     g.nb = (g.B + g.tb - 1) // g.tb
-    # column mode: a chunk is rows r0:r1 with one stride (along a when B == 1,
-    # else along b for one a), channels c0:c1
     g.rows_along_b = g.B > 1
     g.L = g.B if g.rows_along_b else g.A
-    g.tc = max(1, min(g.C, chunk // COLUMN_ROWS))
-    g.tr = max(1, min(g.L, chunk // g.tc))
+    g.tc = clamp(g.C, chunk // MIN_TILE_VALUES)
+    g.tr = clamp(g.L, chunk // g.tc)
     g.per = (g.L + g.tr - 1) // g.tr
     g.nr = g.per * (g.A if g.rows_along_b else 1)
     g.nc = (g.C + g.tc - 1) // g.tc
-    g.tasks = g.nr * g.nc if g.columns else g.C * g.na * g.nb
+    g.tasks = g.nr * g.nc if g.columns else g.na * g.nct * g.nb
     return g
 
 
@@ -225,7 +190,8 @@ cdef int n_threads(Py_ssize_t nbytes, Py_ssize_t n_tasks) noexcept nogil:
 # thread-private in a prange body.
 
 cdef struct RowTile:
-    Py_ssize_t c, a0, a1, b0, b1, index
+    Py_ssize_t slot                 # index of the tile's (a, b) position: ia * nb + ib
+    Py_ssize_t a0, a1, c0, c1, b0, b1
 
 
 cdef struct ColumnChunk:
@@ -233,16 +199,23 @@ cdef struct ColumnChunk:
 
 
 cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
-    """Row-mode task k (channel-major): channel c, runs a0:a1, values b0:b1."""
+    """Row-mode task k, a-major: runs a0:a1 of channels c0:c1, values b0:b1."""
     cdef RowTile t
-    cdef Py_ssize_t i = k % (g.na * g.nb)
-    t.c = k // (g.na * g.nb)
-    t.index = i
-    t.a0 = (i // g.nb) * g.ta
+    cdef Py_ssize_t ia = k // (g.nct * g.nb), ic = (k // g.nb) % g.nct, ib = k % g.nb
+    t.slot = ia * g.nb + ib
+    t.a0 = ia * g.ta
     t.a1 = min(t.a0 + g.ta, g.A)
-    t.b0 = (i % g.nb) * g.tb
+    t.c0 = ic * g.tct
+    t.c1 = min(t.c0 + g.tct, g.C)
+    t.b0 = ib * g.tb
     t.b1 = min(t.b0 + g.tb, g.B)
     return t
+
+
+cdef inline double slot_count(const Grid *g, Py_ssize_t slot) noexcept nogil:
+    """Values per channel in the row tiles at (a, b) position ``slot``."""
+    cdef Py_ssize_t a0 = (slot // g.nb) * g.ta, b0 = (slot % g.nb) * g.tb
+    return <double>((min(a0 + g.ta, g.A) - a0) * (min(b0 + g.tb, g.B) - b0))
 
 
 cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil:
@@ -274,8 +247,61 @@ cdef inline Py_ssize_t row_stride(const View *w, const Grid *g) noexcept nogil:
     return w.sb if g.rows_along_b else w.sa
 
 
-# The column fronts take a View and a chunk: rows r0:r1 (of outer index o) and
-# channels c0:c1.
+# The group fronts take a View and a block: runs a0:a1 of channels c0:c1,
+# values b0:b1.
+
+cdef inline void group_sum(const View *x, const RowTile *t, double *sums, floating *kind) noexcept nogil:
+    if floating is float:
+        group_sum_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, sums)
+    else:
+        group_sum_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, sums)
+
+
+cdef inline void group_sq_dev(const View *x, const RowTile *t, const double *mu, double *dev, double *sq,
+                              floating *kind) noexcept nogil:
+    if floating is float:
+        group_sq_dev_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
+                       mu, dev, sq)
+    else:
+        group_sq_dev_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
+                       mu, dev, sq)
+
+
+cdef inline void group_affine(const View *x, const View *y, const RowTile *t, const floating *p,
+                              Py_ssize_t ps) noexcept nogil:
+    """p points at channel c0's (mu_hi, mu_lo, scale, shift), rows ps apart."""
+    cdef floating *kind = NULL
+    if floating is float:
+        group_affine_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps)
+    else:
+        group_affine_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps)
+
+
+cdef inline void group_grad_sums(const View *dy, const View *x, const RowTile *t, const double *mu, double *sum_dy,
+                                 double *sum_dy_xmu, floating *kind) noexcept nogil:
+    if floating is float:
+        group_grad_sums_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
+                          x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, mu, sum_dy, sum_dy_xmu)
+    else:
+        group_grad_sums_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
+                          x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, mu, sum_dy, sum_dy_xmu)
+
+
+cdef inline void group_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
+                            Py_ssize_t ps) noexcept nogil:
+    """p points at channel c0's (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), rows ps apart."""
+    cdef floating *kind = NULL
+    if floating is float:
+        group_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
+                     x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
+                     t.b1 - t.b0, p, ps)
+    else:
+        group_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
+                     x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
+                     t.b1 - t.b0, p, ps)
+
 
 cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
                             floating *kind) noexcept nogil:
@@ -318,6 +344,7 @@ cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const 
 
 
 
+
 cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
     """n zeroed (or not) items of ``size`` bytes from the heap; free() it."""
     cdef void *p = calloc(max(n, 1), size) if zero else malloc(max(n, 1) * size)
@@ -330,6 +357,26 @@ cdef inline void split_mean(double mu, floating *hi, floating *lo) noexcept nogi
     """mu as hi + lo in the element type (hi the nearest value, lo the rest)."""
     hi[0] = <floating>mu
     lo[0] = <floating>(mu - <double>hi[0])
+
+
+cdef inline RowTile whole_channels(const Grid *g, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
+    """A block of whole channels c0:c1 (for the fused passes)."""
+    cdef RowTile t
+    t.slot = 0
+    t.a0 = 0
+    t.a1 = g.A
+    t.c0 = c0
+    t.c1 = c1
+    t.b0 = 0
+    t.b1 = g.B
+    return t
+
+
+cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t itemsize) noexcept nogil:
+    """Channels per fused task, or 0 when a channel's blocks do not fit in L2 (or column mode)."""
+    if g.columns or arrays * g.R * itemsize > FUSE_BYTES:
+        return 0
+    return clamp(FUSE_BYTES // (arrays * g.R * itemsize), g.C)
 
 
 # ==========================================================================
@@ -347,25 +394,27 @@ cdef inline void chan_merge(double *n, double *mean, double *m2, double nb, doub
     n[0] = total
 
 
-cdef void block_stats(const View *x, Py_ssize_t c, Py_ssize_t a0, Py_ssize_t a1, Py_ssize_t b0, Py_ssize_t b1,
-                      double *mean, double *m2, floating *kind) noexcept nogil:
-    """Two-pass mean and M2 of x[a0:a1, c, b0:b1] (cached for the second pass)."""
-    cdef Py_ssize_t a
-    cdef double total = 0, dev = 0, sq = 0, mu
-    cdef double count = <double>((a1 - a0) * (b1 - b0))
-    total = run_sum(x, c, a0, a1, b0, b1, kind)
-    mu = total / count
-    sq = run_sq_dev(x, c, a0, a1, b0, b1, mu, &dev, kind)
-    # corrected two-pass: dev = sum(x - mu) is zero but for rounding
-    mean[0] = mu + dev / count
-    m2[0] = max(sq - dev * dev / count, 0.0)
+cdef void block_stats(const View *x, const RowTile *t, double count, double *mean, double *m2, double *dev,
+                      floating *kind) noexcept nogil:
+    """Two-pass mean and M2 per channel of a block (cached for the second pass).
+
+    mean, m2 and dev (scratch) hold one zeroed slot per channel c0:c1.
+    """
+    cdef Py_ssize_t c
+    group_sum(x, t, mean, kind)
+    for c in range(t.c1 - t.c0):
+        mean[c] = mean[c] / count
+    group_sq_dev(x, t, mean, dev, m2, kind)
+    for c in range(t.c1 - t.c0):  # corrected two-pass: dev = sum(x - mean) is zero but for rounding
+        m2[c] = max(m2[c] - dev[c] * dev[c] / count, 0.0)
+        mean[c] = mean[c] + dev[c] / count
 
 
 cdef void stats_row_task(const View *x, const Grid *g, Py_ssize_t k, double *part, floating *kind) noexcept nogil:
-    """Tile k's (count, mean, M2) into part[3k:3k+3]."""
+    """Tile k's per-channel mean and M2 into its slot of the partials (3 rows of slots x C)."""
     cdef RowTile t = row_tile(g, k)
-    part[3 * k] = <double>((t.a1 - t.a0) * (t.b1 - t.b0))
-    block_stats(x, t.c, t.a0, t.a1, t.b0, t.b1, &part[3 * k + 1], &part[3 * k + 2], kind)
+    cdef Py_ssize_t i = t.slot * g.C + t.c0, n = g.na * g.nb * g.C
+    block_stats(x, &t, slot_count(g, t.slot), &part[i], &part[n + i], &part[2 * n + i], kind)
 
 
 cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *part_mean, double *part_m2,
@@ -376,48 +425,38 @@ cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *
 
 
 cdef inline Py_ssize_t partials_size(const Grid *g) noexcept nogil:
-    """Doubles of (zeroed) scratch that grid_stats and grid_grad_sums need."""
-    return 2 * g.nr * g.C if g.columns else 3 * g.tasks
+    """Doubles of zeroed scratch that grid_stats and grid_grad_sums need."""
+    return 2 * g.nr * g.C if g.columns else 3 * g.na * g.nb * g.C
 
 
 cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, double *m2,
                      floating *kind) noexcept nogil:
-    """Per-channel mean and M2 over the grid's tasks, merged in task order."""
-    cdef Py_ssize_t k, c, j, per_channel
+    """Per-channel mean and M2 over the grid's tasks, merged in a fixed order."""
+    cdef Py_ssize_t k, c, j, slots = g.nr if g.columns else g.na * g.nb
     cdef int nt = n_threads(g.R * g.C * sizeof(floating), g.tasks)
-    cdef double *part_m2 = part + g.nr * g.C
+    cdef double *part_m2 = part + slots * g.C
     cdef double n, mu, s2
-    if g.columns:
-        if nt == 1:
-            for k in range(g.tasks):
+    if nt == 1:
+        for k in range(g.tasks):
+            if g.columns:
                 stats_column_task(x, g, k, part, part_m2, kind)
-        else:
-            for k in prange(g.tasks, num_threads=nt, schedule="static"):
-                stats_column_task(x, g, k, part, part_m2, kind)
-        for c in range(g.C):
-            n = 0
-            mu = 0
-            s2 = 0
-            for j in range(g.nr):
-                chan_merge(&n, &mu, &s2, <double>chunk_rows(g, j), part[j * g.C + c], part_m2[j * g.C + c])
-            mean[c] = mu
-            m2[c] = s2
+            else:
+                stats_row_task(x, g, k, part, kind)
     else:
-        if nt == 1:
-            for k in range(g.tasks):
+        for k in prange(g.tasks, num_threads=nt, schedule="static"):
+            if g.columns:
+                stats_column_task(x, g, k, part, part_m2, kind)
+            else:
                 stats_row_task(x, g, k, part, kind)
-        else:
-            for k in prange(g.tasks, num_threads=nt, schedule="static"):
-                stats_row_task(x, g, k, part, kind)
-        per_channel = g.na * g.nb
-        for c in range(g.C):
-            n = 0
-            mu = 0
-            s2 = 0
-            for k in range(c * per_channel, (c + 1) * per_channel):
-                chan_merge(&n, &mu, &s2, part[3 * k], part[3 * k + 1], part[3 * k + 2])
-            mean[c] = mu
-            m2[c] = s2
+    for c in range(g.C):
+        n = 0
+        mu = 0
+        s2 = 0
+        for j in range(slots):
+            chan_merge(&n, &mu, &s2, <double>chunk_rows(g, j) if g.columns else slot_count(g, j),
+                       part[j * g.C + c], part_m2[j * g.C + c])
+        mean[c] = mu
+        m2[c] = s2
 
 
 def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
@@ -441,29 +480,27 @@ def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
 # ==========================================================================
 # Normalize: y = (x - mean) * scale + shift
 
-cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p,
-                      floating *kind) noexcept nogil:
+cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p) noexcept nogil:
     """Task k of y = (x - mean) * scale + shift; p holds 4 rows of C parameters."""
     cdef RowTile t
     cdef ColumnChunk h
-
     if g.columns:
         h = column_chunk(g, k)
         cols_affine(x, y, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
-        run_affine(x, y, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)
+        group_affine(x, y, &t, p + t.c0, g.C)
 
 
-cdef void grid_affine(const View *x, const View *y, const Grid *g, const floating *p, floating *kind) noexcept nogil:
+cdef void grid_affine(const View *x, const View *y, const Grid *g, const floating *p) noexcept nogil:
     cdef Py_ssize_t k
     cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
     if nt == 1:
         for k in range(g.tasks):
-            affine_task(x, y, g, k, p, kind)
+            affine_task(x, y, g, k, p)
     else:
         for k in prange(g.tasks, num_threads=nt, schedule="static"):
-            affine_task(x, y, g, k, p, kind)
+            affine_task(x, y, g, k, p)
 
 
 cdef inline void set_affine(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double scale,
@@ -480,7 +517,6 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
               const double[::1] scale,       # IN  (C,) gamma * invstd
               const double[::1] shift):      # IN  (C,) beta
     """y = (x - mean) * scale + shift, per channel (inference)."""
-    cdef floating *kind = NULL
     cdef View xv, yv
     cdef Grid g
     cdef floating *p
@@ -494,29 +530,27 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
     with nogil:
         for c in range(C):
             set_affine(p, C, c, mean[c], scale[c], shift[c])
-        grid_affine(&xv, &yv, &g, p, kind)
+        grid_affine(&xv, &yv, &g, p)
     free(p)
 
 
-cdef inline void finish_channel(double m2, double count, double eps, double gam,
-                                double *var, double *invstd, double *scale) noexcept nogil:
-    """Biased variance, 1 / sqrt(var + eps) and the normalize scale of one channel."""
-    var[0] = m2 / count
-    invstd[0] = 1.0 / sqrt(var[0] + eps)
-    scale[0] = gam * invstd[0]
+cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, Py_ssize_t group, double eps,
+                           const double *gamma, const double *beta, double *mean, double *var, double *invstd,
+                           floating *p, floating *kind) noexcept nogil:
+    """Channels k*group:(k+1)*group of the fused training forward: statistics, then y from cache.
 
-
-cdef void train_channel_task(const View *x, const View *y, Py_ssize_t A, Py_ssize_t B, Py_ssize_t c, double eps,
-                             const double *gamma, const double *beta, double *mean, double *var, double *invstd,
-                             floating *kind) noexcept nogil:
-    """One channel of the fused training forward: statistics, then y from cache."""
-    cdef floating p[4]
-    cdef double m2, scale
-    cdef Py_ssize_t a
-    block_stats(x, c, 0, A, 0, B, &mean[c], &m2, kind)
-    finish_channel(m2, <double>(A * B), eps, gamma[c] if gamma != NULL else 1.0, &var[c], &invstd[c], &scale)
-    set_affine(p, 1, 0, mean[c], scale, beta[c] if beta != NULL else 0.0)
-    run_affine(x, y, c, 0, A, 0, B, p, 1)
+    mean, var and invstd come zeroed; invstd serves as scratch until the end.
+    """
+    cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
+    cdef double count = <double>g.R
+    cdef Py_ssize_t c
+    block_stats(x, &t, count, &mean[t.c0], &var[t.c0], &invstd[t.c0], kind)
+    for c in range(t.c0, t.c1):
+        var[c] = var[c] / count
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        set_affine(p, g.C, c, mean[c], invstd[c] * (gamma[c] if gamma != NULL else 1.0),
+                   beta[c] if beta != NULL else 0.0)
+    group_affine(x, y, &t, p + t.c0, g.C)
 
 
 def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
@@ -537,40 +571,43 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
     cdef Grid g
     cdef floating *p
     cdef double *part
-    cdef double scale
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, k, group, n_groups
     cdef int nt
     if A * B * C == 0:
         return
+    stats[:, :] = 0
     mean, var, invstd = &stats[0, 0], &stats[1, 0], &stats[2, 0]
     xv = view_of(x)
     yv = view_of(y)
     g = make_grid(x)
-    if g.columns or A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
+    group = fused_group(&g, 1, sizeof(floating))
+    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    try:
+        if group:
+            # fused: a group's blocks are read from memory once, then served from L2
+            n_groups = (C + group - 1) // group
+            nt = n_threads(2 * A * B * C * sizeof(floating), n_groups)
+            with nogil:
+                if nt == 1:
+                    for k in range(n_groups):
+                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, kind)
+                else:
+                    for k in prange(n_groups, num_threads=nt, schedule="static"):
+                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, kind)
+            return
         # no cache reuse possible: a statistics pass, then a normalize pass
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
-        try:
-            p = <floating *>scratch(4 * C, sizeof(floating), False)
-            with nogil:
-                grid_stats(&xv, &g, part, mean, var, kind)
-                for c in range(C):
-                    finish_channel(var[c], <double>(A * B), eps, gam[c] if gam != NULL else 1.0,
-                                   &var[c], &invstd[c], &scale)
-                    set_affine(p, C, c, mean[c], scale, bet[c] if bet != NULL else 0.0)
-                grid_affine(&xv, &yv, &g, p, kind)
-            free(p)
-        finally:
-            free(part)
-        return
-    # fused: each channel's block is read from memory once, then served from L2
-    nt = n_threads(2 * A * B * C * sizeof(floating), C)
-    with nogil:
-        if nt == 1:
+        with nogil:
+            grid_stats(&xv, &g, part, mean, var, kind)
             for c in range(C):
-                train_channel_task(&xv, &yv, A, B, c, eps, gam, bet, mean, var, invstd, kind)
-        else:
-            for c in prange(C, num_threads=nt, schedule="static"):
-                train_channel_task(&xv, &yv, A, B, c, eps, gam, bet, mean, var, invstd, kind)
+                var[c] = var[c] / <double>(A * B)
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
+                set_affine(p, C, c, mean[c], invstd[c] * (gam[c] if gam != NULL else 1.0),
+                           bet[c] if bet != NULL else 0.0)
+            grid_affine(&xv, &yv, &g, p)
+        free(part)
+    finally:
+        free(p)
 
 
 # ==========================================================================
@@ -578,27 +615,24 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
 
 cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_t k, const double *mean,
                          double *part_dy, double *part_dy_xmu, floating *kind) noexcept nogil:
-    """Task k's sum(dy) and sum(dy * (x - mean)) into its partial slots."""
+    """Task k's sum(dy) and sum(dy * (x - mean)) per channel into its partial slots."""
     cdef RowTile t
     cdef ColumnChunk h
-
-    cdef double s_dy = 0, s_dy_xmu = 0
     if g.columns:
         h = column_chunk(g, k)
         cols_grad_sums(dy, x, g, &h, &mean[h.c0], &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0], kind)
     else:
         t = row_tile(g, k)
-        s_dy_xmu = run_grad_sums(dy, x, t.c, t.a0, t.a1, t.b0, t.b1, mean[t.c], &s_dy, kind)
-        part_dy[k] = s_dy
-        part_dy_xmu[k] = s_dy_xmu
+        group_grad_sums(dy, x, &t, &mean[t.c0], &part_dy[t.slot * g.C + t.c0], &part_dy_xmu[t.slot * g.C + t.c0],
+                        kind)
 
 
 cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *part_dy, const double *mean,
                          double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
-    """Per-channel sum(dy) and sum(dy * (x - mean)), partials added in task order."""
-    cdef Py_ssize_t k, c, j, n_part = g.nr * g.C if g.columns else g.tasks
+    """Per-channel sum(dy) and sum(dy * (x - mean)), partials added in a fixed order."""
+    cdef Py_ssize_t k, c, j, slots = g.nr if g.columns else g.na * g.nb
     cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
-    cdef double *part_dy_xmu = part_dy + n_part
+    cdef double *part_dy_xmu = part_dy + slots * g.C
     cdef double s_dy, s_dy_xmu
     if nt == 1:
         for k in range(g.tasks):
@@ -609,42 +643,35 @@ cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *p
     for c in range(g.C):
         s_dy = 0
         s_dy_xmu = 0
-        if g.columns:
-            for j in range(g.nr):
-                s_dy = s_dy + part_dy[j * g.C + c]
-                s_dy_xmu = s_dy_xmu + part_dy_xmu[j * g.C + c]
-        else:
-            for k in range(c * g.na * g.nb, (c + 1) * g.na * g.nb):
-                s_dy = s_dy + part_dy[k]
-                s_dy_xmu = s_dy_xmu + part_dy_xmu[k]
+        for j in range(slots):
+            s_dy = s_dy + part_dy[j * g.C + c]
+            s_dy_xmu = s_dy_xmu + part_dy_xmu[j * g.C + c]
         sum_dy[c] = s_dy
         sum_dy_xmu[c] = s_dy_xmu
 
 
-cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k, const floating *p,
-                    floating *kind) noexcept nogil:
+cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
+                    const floating *p) noexcept nogil:
     """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C."""
     cdef RowTile t
     cdef ColumnChunk h
-
     if g.columns:
         h = column_chunk(g, k)
         cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
-        run_grad(dy, x, dx, t.c, t.a0, t.a1, t.b0, t.b1, p + t.c, g.C)
+        group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
-cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p,
-                    floating *kind) noexcept nogil:
+cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p) noexcept nogil:
     cdef Py_ssize_t k
     cdef int nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
     if nt == 1:
         for k in range(g.tasks):
-            grad_task(dy, x, dx, g, k, p, kind)
+            grad_task(dy, x, dx, g, k, p)
     else:
         for k in prange(g.tasks, num_threads=nt, schedule="static"):
-            grad_task(dy, x, dx, g, k, p, kind)
+            grad_task(dy, x, dx, g, k, p)
 
 
 cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double invstd, double gam,
@@ -659,18 +686,16 @@ cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, 
     p[4 * C + c] = <floating>(gam * invstd)
 
 
-cdef void backward_channel_task(const View *dy, const View *x, const View *dx, Py_ssize_t A, Py_ssize_t B,
-                                Py_ssize_t c, const double *mean, const double *invstd, const double *gamma,
-                                double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
-    """One channel of the fused gradient: sums over dy and x, then dx from cache."""
-    cdef floating p[5]
-    cdef double s_dy = 0, s_dy_xmu = 0
-    cdef Py_ssize_t a
-    s_dy_xmu = run_grad_sums(dy, x, c, 0, A, 0, B, mean[c], &s_dy, kind)
-    sum_dy[c] = s_dy
-    sum_dy_xmu[c] = s_dy_xmu
-    set_grad(p, 1, 0, mean[c], invstd[c], gamma[c], s_dy, s_dy_xmu, <double>(A * B))
-    run_grad(dy, x, dx, c, 0, A, 0, B, p, 1)
+cdef void backward_group_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
+                              Py_ssize_t group, const double *mean, const double *invstd, const double *gamma,
+                              double *sum_dy, double *sum_dy_xmu, floating *p, floating *kind) noexcept nogil:
+    """Channels k*group:(k+1)*group of the fused gradient: sums over dy and x, then dx from cache."""
+    cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
+    cdef Py_ssize_t c
+    group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
+    for c in range(t.c0, t.c1):
+        set_grad(p, g.C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>g.R)
+    group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
 def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -690,38 +715,43 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     cdef Grid g
     cdef floating *p
     cdef double *part
-    cdef Py_ssize_t c
+    cdef Py_ssize_t c, k, group, n_groups
     cdef int nt
     if A * B * C == 0:
         return
+    sums[:, :] = 0
     mean, invstd, gamma = &stats[0, 0], &stats[1, 0], &stats[2, 0]
     sum_dy, sum_dy_xmu = &sums[0, 0], &sums[1, 0]
     dyv = view_of(dy)
     xv = view_of(x)
     dxv = view_of(dx)
     g = make_grid(x)
-    if g.columns or 2 * A * B * <Py_ssize_t>sizeof(floating) > FUSE_BYTES:
-        part = <double *>scratch(partials_size(&g), sizeof(double), True)
-        try:
-            p = <floating *>scratch(5 * C, sizeof(floating), False)
+    group = fused_group(&g, 2, sizeof(floating))
+    p = <floating *>scratch(5 * C, sizeof(floating), False)
+    try:
+        if group:
+            # fused: a group's dy and x blocks are read once, dx computed from L2
+            n_groups = (C + group - 1) // group
+            nt = n_threads(3 * A * B * C * sizeof(floating), n_groups)
             with nogil:
-                grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
-                for c in range(C):
-                    set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
-                grid_grad(&dyv, &xv, &dxv, &g, p, kind)
-            free(p)
-        finally:
-            free(part)
-        return
-    # fused: a channel's dy and x blocks are read once, dx computed from L2
-    nt = n_threads(3 * A * B * C * sizeof(floating), C)
-    with nogil:
-        if nt == 1:
+                if nt == 1:
+                    for k in range(n_groups):
+                        backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                                            p, kind)
+                else:
+                    for k in prange(n_groups, num_threads=nt, schedule="static"):
+                        backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                                            p, kind)
+            return
+        part = <double *>scratch(partials_size(&g), sizeof(double), True)
+        with nogil:
+            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
             for c in range(C):
-                backward_channel_task(&dyv, &xv, &dxv, A, B, c, mean, invstd, gamma, sum_dy, sum_dy_xmu, kind)
-        else:
-            for c in prange(C, num_threads=nt, schedule="static"):
-                backward_channel_task(&dyv, &xv, &dxv, A, B, c, mean, invstd, gamma, sum_dy, sum_dy_xmu, kind)
+                set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
+            grid_grad(&dyv, &xv, &dxv, &g, p)
+        free(part)
+    finally:
+        free(p)
 
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -750,7 +780,6 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
                    floating[:, :, :] dx,         # OUT (A, C, B); may be dy or x
                    const double[:, ::1] coef):   # IN  (4, C): mean, dy_mean, c_xmu, k_dy
     """dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy, per channel."""
-    cdef floating *kind = NULL
     cdef View dyv, xv, dxv
     cdef Grid g
     cdef floating *p
@@ -768,7 +797,7 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
             p[2 * C + c] = <floating>coef[1, c]
             p[3 * C + c] = <floating>coef[2, c]
             p[4 * C + c] = <floating>coef[3, c]
-        grid_grad(&dyv, &xv, &dxv, &g, p, kind)
+        grid_grad(&dyv, &xv, &dxv, &g, p)
     free(p)
 
 

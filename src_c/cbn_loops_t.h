@@ -6,110 +6,144 @@
  * CBN_T): x - mu_hi is exact for x near the mean (Sterbenz), so large
  * offsets cost no accuracy, and a constant run gives exactly the shift.
  *
- * "run" loops walk m runs of n values of one channel (row mode: one set of
- * parameters); "cols" loops walk n channels of one row (column mode: a
- * parameter per value).  Strides are in elements; output arrays may alias input arrays
+ * "group" loops walk runs of values, a set of parameters per run (row mode);
+ * "cols" loops walk rows of channels, a parameter per value (column mode).  Strides are in elements; output arrays may alias input arrays
  * element for element (in-place out=).
  */
 #define CBN_FN(name) CBN_CAT(name, CBN_SUFFIX)
 
-/* The run loops walk m runs of n values, run r starting at x + r * xa. */
+/* The group loops (row mode) walk g channels of m runs of n values: the run
+ * of channel c in row r starts at x + r * xa + c * xc, its values are s
+ * apart.  They go in memory order (r outer, c inner) and keep one result per
+ * channel.  Sums over a run use CBN_LANES accumulators and a fixed tree, in
+ * functions of their own (inlined into the nested loops, GCC no longer
+ * vectorizes them). */
 
-/* sum(x), in double */
-CBN_CLONES static double CBN_FN(cbn_run_sum)(const CBN_T *x, ptrdiff_t m, ptrdiff_t xa, ptrdiff_t n, ptrdiff_t s)
+CBN_CLONES static double CBN_FN(cbn_sum1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s)
 {
     double acc[CBN_LANES] = {0};
-    for (ptrdiff_t r = 0; r < m; r++, x += xa) {
-        ptrdiff_t i = 0;
-        if (s == 1)
-            for (; i + CBN_LANES <= n; i += CBN_LANES)
-                for (int j = 0; j < CBN_LANES; j++)
-                    acc[j] += x[i + j];
-        for (; i < n; i++)
-            acc[i % CBN_LANES] += x[i * s];
-    }
+    ptrdiff_t i = 0;
+    if (s == 1)
+        for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (int j = 0; j < CBN_LANES; j++)
+                acc[j] += x[i + j];
+    for (; i < n; i++)
+        acc[i % CBN_LANES] += x[i * s];
     return cbn_tree_sum(acc);
 }
 
-/* sum((x - mu)**2) in double; adds sum(x - mu) to *dev */
-CBN_CLONES static double CBN_FN(cbn_run_sq_dev)(const CBN_T *x, ptrdiff_t m, ptrdiff_t xa, ptrdiff_t n, ptrdiff_t s,
-                                                double mu, double *dev)
+CBN_CLONES static double CBN_FN(cbn_sq_dev1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s, double mu, double *dev)
 {
     double acc_dev[CBN_LANES] = {0}, acc_sq[CBN_LANES] = {0};
-    for (ptrdiff_t r = 0; r < m; r++, x += xa) {
-        ptrdiff_t i = 0;
-        if (s == 1)
-            for (; i + CBN_LANES <= n; i += CBN_LANES)
-                for (int j = 0; j < CBN_LANES; j++) {
-                    double d = x[i + j] - mu;
-                    acc_dev[j] += d;
-                    acc_sq[j] += d * d;
-                }
-        for (; i < n; i++) {
-            double d = x[i * s] - mu;
-            acc_dev[i % CBN_LANES] += d;
-            acc_sq[i % CBN_LANES] += d * d;
-        }
+    ptrdiff_t i = 0;
+    if (s == 1)
+        for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (int j = 0; j < CBN_LANES; j++) {
+                double d = x[i + j] - mu;
+                acc_dev[j] += d;
+                acc_sq[j] += d * d;
+            }
+    for (; i < n; i++) {
+        double d = x[i * s] - mu;
+        acc_dev[i % CBN_LANES] += d;
+        acc_sq[i % CBN_LANES] += d * d;
     }
     *dev += cbn_tree_sum(acc_dev);
     return cbn_tree_sum(acc_sq);
 }
 
-/* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b */
-CBN_CLONES static void CBN_FN(cbn_run_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
-                                              ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n,
-                                              CBN_T mu_hi, CBN_T mu_lo, CBN_T scale, CBN_T shift)
-{
-    for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
-        if (sx == 1 && sy == 1)
-            for (ptrdiff_t i = 0; i < n; i++)
-                y[i] = ((x[i] - mu_hi) - mu_lo) * scale + shift;
-        else
-            for (ptrdiff_t i = 0; i < n; i++)
-                y[i * sy] = ((x[i * sx] - mu_hi) - mu_lo) * scale + shift;
-    }
-}
-
-/* sum(dy * (x - mu)) in double; adds sum(dy) to *sum_dy */
-CBN_CLONES static double CBN_FN(cbn_run_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
-                                                   ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n, double mu,
-                                                   double *sum_dy)
+CBN_CLONES static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, ptrdiff_t n,
+                                            double mu, double *sum_dy)
 {
     double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa) {
-        ptrdiff_t i = 0;
-        if (sd == 1 && sx == 1)
-            for (; i + CBN_LANES <= n; i += CBN_LANES)
-                for (int j = 0; j < CBN_LANES; j++) {
-                    double g = dy[i + j];
-                    acc_dy[j] += g;
-                    acc_dy_xmu[j] += g * (x[i + j] - mu);
-                }
-        for (; i < n; i++) {
-            double g = dy[i * sd];
-            acc_dy[i % CBN_LANES] += g;
-            acc_dy_xmu[i % CBN_LANES] += g * (x[i * sx] - mu);
-        }
+    ptrdiff_t i = 0;
+    if (sd == 1 && sx == 1)
+        for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (int j = 0; j < CBN_LANES; j++) {
+                double g = dy[i + j];
+                acc_dy[j] += g;
+                acc_dy_xmu[j] += g * (x[i + j] - mu);
+            }
+    for (; i < n; i++) {
+        double g = dy[i * sd];
+        acc_dy[i % CBN_LANES] += g;
+        acc_dy_xmu[i % CBN_LANES] += g * (x[i * sx] - mu);
     }
     *sum_dy += cbn_tree_sum(acc_dy);
     return cbn_tree_sum(acc_dy_xmu);
 }
 
-/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
- * that the mean and xhat absorb cancels exactly before it is scaled */
-CBN_CLONES static void CBN_FN(cbn_run_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x, ptrdiff_t xa,
-                                            ptrdiff_t sx, CBN_T *dx, ptrdiff_t oa, ptrdiff_t so, ptrdiff_t m,
-                                            ptrdiff_t n, CBN_T mu_hi, CBN_T mu_lo, CBN_T dy_mean, CBN_T c_xmu,
-                                            CBN_T k_dy)
+/* sums[c] += sum of channel c's values, in double */
+CBN_CLONES static void CBN_FN(cbn_group_sum)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
+                                             ptrdiff_t g, ptrdiff_t n, double *sums)
 {
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
-        if (sd == 1 && sx == 1 && so == 1)
-            for (ptrdiff_t i = 0; i < n; i++)
-                dx[i] = ((dy[i] - dy_mean) - ((x[i] - mu_hi) - mu_lo) * c_xmu) * k_dy;
-        else
-            for (ptrdiff_t i = 0; i < n; i++)
-                dx[i * so] = ((dy[i * sd] - dy_mean) - ((x[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
-    }
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++)
+            sums[c] += CBN_FN(cbn_sum1)(x + r * xa + c * xc, n, s);
+}
+
+/* sq[c] += sum((x - mu[c])**2) and dev[c] += sum(x - mu[c]), in double */
+CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
+                                                ptrdiff_t g, ptrdiff_t n, const double *mu, double *dev, double *sq)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++)
+            sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
+}
+
+/* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b.
+ * p holds 4 rows (mu_hi, mu_lo, scale, shift) of ps values, one per channel. */
+CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *y,
+                                                ptrdiff_t ya, ptrdiff_t yc, ptrdiff_t sy, ptrdiff_t m, ptrdiff_t g,
+                                                ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++) {
+            const CBN_T *u = x + r * xa + c * xc;
+            CBN_T *v = y + r * ya + c * yc;
+            CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+            if (sx == 1 && sy == 1)
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
+            else
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
+        }
+}
+
+/* sum_dy_xmu[c] += sum(dy * (x - mu[c])) and sum_dy[c] += sum(dy), in double */
+CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
+                                                   const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
+                                                   ptrdiff_t m, ptrdiff_t g, ptrdiff_t n, const double *mu,
+                                                   double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++)
+            sum_dy_xmu[c] += CBN_FN(cbn_grad_sums1)(dy + r * da + c * dc, sd, x + r * xa + c * xc, sx, n, mu[c],
+                                                    &sum_dy[c]);
+}
+
+/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
+ * that the mean and xhat absorb cancels exactly before it is scaled.  p holds 5 rows (mu_hi, mu_lo,
+ * dy_mean, c_xmu, k_dy) of ps values, one per channel. */
+CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
+                                              const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dx,
+                                              ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so, ptrdiff_t m, ptrdiff_t g,
+                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++) {
+            const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
+            CBN_T *v = dx + r * oa + c * oc;
+            CBN_T mu_hi = p[c], mu_lo = p[ps + c], dy_mean = p[2 * ps + c], c_xmu = p[3 * ps + c];
+            CBN_T k_dy = p[4 * ps + c];
+            if (sd == 1 && sx == 1 && so == 1)
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i] = ((q[i] - dy_mean) - ((u[i] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+            else
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i * so] = ((q[i * sd] - dy_mean) - ((u[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+        }
 }
 
 /* The column loops walk m rows of n channels: row r of x starts at x + r * xa,
