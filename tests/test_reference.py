@@ -290,7 +290,31 @@ def test_forward_updates_running_stats_too(rng):
 
 # Each reaches a different kernel path: fused per-channel blocks, column mode
 # (channels innermost), chunked large channels, and the NC column case.
-THREAD_CASES = [((16, 8, 32, 33), 1), ((16, 8, 32, 33), -1), ((4, 3, 300, 301), 1), ((3001, 70), 1)]
+THREAD_CASES = [
+    ((16, 8, 32, 33), 1),  # row mode, fused groups of channels
+    ((16, 8, 32, 33), -1),  # column mode, rows along a
+    ((4, 3, 300, 301), 1),  # row mode, channels too large to fuse: (a, c, b) tiles
+    ((40000, 5, 7), 1),  # row mode, short runs, tiles of several channels
+    ((3001, 70), 1),  # column mode (NC)
+    ((5, 300, 70, 3), 2),  # row mode, runs of 3 values
+]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", THREAD_CASES, ids=lambda c: f"{'x'.join(map(str, c[0]))}-axis{c[1]}")
+def test_every_kernel_path_matches_reference(case, dtype):
+    shape, axis = case
+    rng = np.random.default_rng(3)
+    x = random_array(rng, shape, dtype, offset=5.0, scale=2.0)
+    dy = random_array(rng, shape, dtype)
+    y, mean, invstd = cbn.batch_norm_forward(x, channel_axis=axis)
+    y_ref, mean_ref, invstd_ref = reference.batch_norm_forward(x, channel_axis=axis)
+    assert_close(y, y_ref, dtype, scale=4.0)
+    assert_close(mean, mean_ref, dtype, scale=8.0)
+    assert_close(invstd, invstd_ref, dtype)
+    for got, want in zip(cbn.batch_norm_backward(dy, x, mean_ref, invstd_ref, channel_axis=axis),
+                         reference.batch_norm_backward(dy, x, mean_ref, invstd_ref, channel_axis=axis)):
+        assert_close(got, want, dtype, scale=float(np.max(np.abs(want))))
 
 
 @pytest.mark.parametrize("layout", ["C", "F", "strided", "transposed"])
