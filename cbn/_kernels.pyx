@@ -7,15 +7,16 @@ over channels and (a, b) over the values that share a channel, with any
 strides.  Bulk arrays are float32 or float64 (one ``cython.floating`` kernel
 per operation); per-channel arrays are float64.
 
-Two traversals, chosen from x's strides:
+Two traversals, chosen from the view's shape:
 
 * row mode (NCHW-like, B is the finer axis): a channel is A runs of B values.
   When a channel's block fits in L2, groups of channels are done start to
   finish by one thread (statistics, then normalize or gradient, while the
   blocks are cached), so the data is read from memory once.  Otherwise the
   view is cut into (a, c, b) tiles.
-* column mode (NC, NHWC: C is the finer axis): rows of C channels, cut into
-  chunks of rows whose per-channel partial results are merged afterwards.
+* column mode (NC, NHWC: channels are the finest axis, B == 1): rows of C
+  channels, cut into chunks of rows whose per-channel partial results are
+  merged afterwards.
 
 Every cut depends on the shape only, never on the thread count, and partial
 results are merged in a fixed order: the bits do not depend on the number of
@@ -131,10 +132,6 @@ cdef inline floating *at(const View *w, Py_ssize_t a, Py_ssize_t c, Py_ssize_t b
     return (<floating *>w.data) + a * w.sa + c * w.sc + b * w.sb
 
 
-cdef inline Py_ssize_t magnitude(Py_ssize_t n) noexcept nogil:
-    return -n if n < 0 else n
-
-
 cdef inline Py_ssize_t clamp(Py_ssize_t n, Py_ssize_t high) noexcept nogil:
     """n within [1, max(high, 1)]."""
     return max(1, min(n, high))
@@ -145,10 +142,7 @@ cdef struct Grid:
     bint columns                    # column mode?
     # row mode: tiles of ta x tc x tb, na x nct x nb of them, a-major
     Py_ssize_t ta, tct, tb, na, nct, nb
-    # column mode: a chunk is rows r0:r1 with one stride (along a when B == 1,
-    # else along b for one a, the outer index), and channels c0:c1
-    bint rows_along_b
-    Py_ssize_t L, per               # rows per outer index, row chunks per outer index
+    # column mode (B == 1): chunks of rows r0:r1 (along a) and channels c0:c1
     Py_ssize_t tr, tc, nr, nc       # chunk extents, row chunks, channel tiles
     Py_ssize_t tasks
 
@@ -157,24 +151,22 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
     """The work grid of a view: its mode, and cuts that depend on the shape only."""
     cdef Grid g
     cdef Py_ssize_t chunk = CHUNK_BYTES // <Py_ssize_t>sizeof(floating)
-    cdef Py_ssize_t sc = x.strides[1], sb = x.strides[2]
     g.A = x.shape[0]
     g.C = x.shape[1]
     g.B = x.shape[2]
     g.R = g.A * g.B
-    g.columns = g.B == 1 or (g.C > 1 and magnitude(sc) < magnitude(sb))
+    # cbn._layout puts the channel axis last (B == 1) when channels are the
+    # finest axis; otherwise runs along b are the contiguous ones
+    g.columns = g.B == 1
     g.tb = clamp(g.B, chunk)
     g.tct = clamp(g.C, chunk // max(g.tb, MIN_TILE_VALUES))
     g.ta = clamp(g.A, chunk // (g.tb * g.tct))
     g.na = (g.A + g.ta - 1) // g.ta
     g.nct = (g.C + g.tct - 1) // g.tct
     g.nb = (g.B + g.tb - 1) // g.tb
-    g.rows_along_b = g.B > 1
-    g.L = g.B if g.rows_along_b else g.A
     g.tc = clamp(g.C, chunk // MIN_TILE_VALUES)
-    g.tr = clamp(g.L, chunk // g.tc)
-    g.per = (g.L + g.tr - 1) // g.tr
-    g.nr = g.per * (g.A if g.rows_along_b else 1)
+    g.tr = clamp(g.A, chunk // g.tc)
+    g.nr = (g.A + g.tr - 1) // g.tr
     g.nc = (g.C + g.tc - 1) // g.tc
     g.tasks = g.nr * g.nc if g.columns else g.na * g.nct * g.nb
     return g
@@ -195,7 +187,7 @@ cdef struct RowTile:
 
 
 cdef struct ColumnChunk:
-    Py_ssize_t j, o, r0, r1, c0, c1
+    Py_ssize_t j, r0, r1, c0, c1
 
 
 cdef inline RowTile row_tile(const Grid *g, Py_ssize_t k) noexcept nogil:
@@ -219,12 +211,11 @@ cdef inline double slot_count(const Grid *g, Py_ssize_t slot) noexcept nogil:
 
 
 cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil:
-    """Column-mode task k (row-chunk-major): row chunk j = rows r0:r1 of outer index o, channels c0:c1."""
+    """Column-mode task k (row-chunk-major): row chunk j = rows r0:r1, channels c0:c1."""
     cdef ColumnChunk t
     t.j = k // g.nc
-    t.o = t.j // g.per
-    t.r0 = (t.j % g.per) * g.tr
-    t.r1 = min(t.r0 + g.tr, g.L)
+    t.r0 = t.j * g.tr
+    t.r1 = min(t.r0 + g.tr, g.A)
     t.c0 = (k % g.nc) * g.tc
     t.c1 = min(t.c0 + g.tc, g.C)
     return t
@@ -232,19 +223,16 @@ cdef inline ColumnChunk column_chunk(const Grid *g, Py_ssize_t k) noexcept nogil
 
 cdef inline Py_ssize_t chunk_rows(const Grid *g, Py_ssize_t j) noexcept nogil:
     """Rows in row chunk j."""
-    cdef Py_ssize_t r0 = (j % g.per) * g.tr
-    return min(r0 + g.tr, g.L) - r0
+    return min(j * g.tr + g.tr, g.A) - j * g.tr
 
 
 cdef inline floating *chunk_at(const View *w, const Grid *g, const ColumnChunk *t, floating *kind) noexcept nogil:
     """Address of the chunk's first row and channel."""
-    if g.rows_along_b:
-        return at(w, t.o, t.c0, t.r0, kind)
     return at(w, t.r0, t.c0, 0, kind)
 
 
 cdef inline Py_ssize_t row_stride(const View *w, const Grid *g) noexcept nogil:
-    return w.sb if g.rows_along_b else w.sa
+    return w.sa
 
 
 # The group fronts take a View and a block: runs a0:a1 of channels c0:c1,
