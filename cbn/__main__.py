@@ -10,7 +10,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print version, OpenMP, threads, NumPy and GPU status")
     commands.add_parser("quickstart", help="run the README's quick start")
-    commands.add_parser("bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False)
+    commands.add_parser(
+        "bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False
+    )
     args, rest = parser.parse_known_args(argv)
 
     if args.command == "bench":

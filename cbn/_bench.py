@@ -101,7 +101,9 @@ class _Torch:
         return {
             "train": lambda: aten.native_batch_norm(tx, w, b, None, None, True, 0.1, 1e-5),
             "infer": lambda: aten.native_batch_norm(tx, w, b, rm, rv, False, 0.1, 1e-5),
-            "backward": lambda: aten.native_batch_norm_backward(tdy, tx, w, None, None, mean, invstd, True, 1e-5, mask),
+            "backward": lambda: aten.native_batch_norm_backward(
+                tdy, tx, w, None, None, mean, invstd, True, 1e-5, mask
+            ),
         }
 
     def set_threads(self, n):
@@ -117,7 +119,9 @@ def _cbn_calls(x, channel_axis, dy, module):
     kw = dict(channel_axis=channel_axis)
     return {
         "train": lambda: module.batch_norm_forward(x, gamma, beta, out=(y, None, None), **kw),
-        "infer": lambda: module.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, out=y, **kw),
+        "infer": lambda: module.batch_norm(
+            x, gamma, beta, running_mean=rm, running_var=rv, training=False, out=y, **kw
+        ),
         "backward": lambda: module.batch_norm_backward(dy, x, mean, invstd, gamma, out=(dx, None, None), **kw),
     }
 
@@ -134,7 +138,8 @@ def run(cases, dtypes, threads, repeat, with_reference=True, progress=True):
     rng = np.random.default_rng(0)
     for k, ((name, shape, axis), dtype, n) in enumerate(jobs, 1):
         if progress:
-            print(f"\r[{k}/{len(jobs)}] {name} {np.dtype(dtype).name} {n} thread(s)   ", end="", file=sys.stderr, flush=True)
+            label = f"{name} {np.dtype(dtype).name} {n} thread(s)"
+            print(f"\r[{k}/{len(jobs)}] {label}   ", end="", file=sys.stderr, flush=True)
         x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(dtype)
         dy = rng.standard_normal(shape).astype(dtype)
         _set_threads(n)

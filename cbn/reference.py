@@ -62,7 +62,8 @@ def batch_norm_forward(
     """Training forward returning (y, mean, invstd) (see :func:`cbn.batch_norm_forward`)."""
     names = ("y", "mean", "invstd")
     outs = _args.outputs(out, names, "batch_norm_forward")
-    return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, _args.out_labels(names))
+    labels = _args.out_labels(names)
+    return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels)
 
 
 def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels):

@@ -1,0 +1,124 @@
+"""Drive the kernels over the views of ``cbn._layout``: statistics, normalize, gradient.
+
+Arguments arrive checked (``cbn._api``); per-channel arrays are float64.
+Layouts that split a channel over several blocks are handled here, merging
+block statistics in a fixed order.
+"""
+import numpy as np
+
+from . import _kernels
+from ._layout import plan
+
+
+def chan_merge(n, mean, m2, n_b, mean_b, m2_b):
+    """Merge block statistics (n_b, mean_b, m2_b) into (n, mean, m2), in place."""
+    total = n + n_b
+    delta = mean_b - mean
+    mean += delta * (n_b / total)
+    m2 += m2_b + delta * delta * (n * n_b / total)
+    return total
+
+
+def channel_stats(x, axes, cshape):
+    """Per-channel float64 mean and M2 (sum of squared deviations from the mean)."""
+    layout = plan([x], axes)
+    mean = np.zeros(layout.channel_grid)
+    m2 = np.zeros(layout.channel_grid)
+    if layout.reduced_blocks == 1:
+        for c, (xb,) in layout.blocks():
+            _kernels.channel_stats(xb, mean[c], m2[c])
+    else:  # one channel's values in several blocks: merge in block order
+        counts = {}
+        block_mean, block_m2 = np.empty(layout.channel_grid[-1]), np.empty(layout.channel_grid[-1])
+        for c, (xb,) in layout.blocks():
+            _kernels.channel_stats(xb, block_mean, block_m2)
+            counts[c] = chan_merge(counts.get(c, 0), mean[c], m2[c], xb.shape[0] * xb.shape[2], block_mean, block_m2)
+    return mean.reshape(cshape), m2.reshape(cshape)
+
+
+def normalize(x, y, axes, mean, scale, shift):
+    """y = (x - mean) * scale + shift with per-channel float64 parameters."""
+    if x.size == 0:
+        return
+    layout = plan([x, y], axes)
+    grid = layout.channel_grid
+    mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
+    for c, (xb, yb) in layout.blocks():
+        _kernels.normalize(xb, yb, mean[c], scale[c], shift[c])
+
+
+_NONE = np.empty(0)  # "no gamma / no beta" for the kernels
+
+
+def per_block(rows, grid):
+    """Per-channel rows for the kernels: shape (*grid[:-1], n, C), C-contiguous per block."""
+    return np.ascontiguousarray(np.moveaxis(np.reshape(rows, (len(rows), *grid)), 0, -2))
+
+
+def from_blocks(per, cshape):
+    """Inverse of _per_block: (n, *cshape)."""
+    if per.ndim == 2 and len(cshape) == 1:
+        return per
+    return np.moveaxis(per, -2, 0).reshape((per.shape[-2], *cshape))
+
+
+def train(x, y, axes, cshape, count, gamma, beta, eps):
+    """Training forward into y; returns float64 (3, *cshape): mean, var, invstd."""
+    if x.size == 0:
+        return np.empty((3, *cshape))
+    layout = plan([x, y], axes)
+    grid = layout.channel_grid
+    if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
+        per = np.empty((*grid[:-1], 3, grid[-1]))
+        g = _NONE if gamma is None else gamma.reshape(grid)
+        b = _NONE if beta is None else beta.reshape(grid)
+        for c, (xb, yb) in layout.blocks():
+            _kernels.forward_train(xb, yb, g if gamma is None else g[c], b if beta is None else b[c], eps, per[c])
+        return from_blocks(per, cshape)
+    stats = np.empty((3, *cshape))
+    stats[0], m2 = channel_stats(x, axes, cshape)
+    stats[1] = m2 / count
+    stats[2] = inverse_std(stats[1], eps)
+    scale = stats[2] if gamma is None else stats[2] * gamma
+    normalize(x, y, axes, stats[0], scale, np.zeros(cshape) if beta is None else beta)
+    return stats
+
+
+def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
+    """Gradient into dx; returns float64 (2, *cshape): sum(dy), sum(dy * (x - mean))."""
+    if x.size == 0:
+        return np.zeros((2, *cshape))
+    layout = plan([dy, x, dx], axes)
+    grid = layout.channel_grid
+    if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
+        params = per_block([mean, invstd, gamma], grid)
+        sums = np.empty((*grid[:-1], 2, grid[-1]))
+        for c, (dyb, xb, dxb) in layout.blocks():
+            _kernels.backward(dyb, xb, dxb, params[c], sums[c])
+        return from_blocks(sums, cshape)
+    mean_g = mean.reshape(grid)
+    sum_dy, sum_dy_xmu = np.zeros(grid), np.zeros(grid)
+    block_dy, block_dy_xmu = np.empty(grid[-1]), np.empty(grid[-1])
+    for c, (dyb, xb, _) in layout.blocks():
+        _kernels.backward_reduce(dyb, xb, mean_g[c], block_dy, block_dy_xmu)
+        sum_dy[c] += block_dy
+        sum_dy_xmu[c] += block_dy_xmu
+    invstd_g = invstd.reshape(grid)
+    coef = [mean_g, sum_dy / count, invstd_g * invstd_g * sum_dy_xmu / count, (gamma * invstd).reshape(grid)]
+    coef = per_block(coef, grid)
+    for c, (dyb, xb, dxb) in layout.blocks():
+        _kernels.backward_elemt(dyb, xb, dxb, coef[c])
+    return np.stack([sum_dy.reshape(cshape), sum_dy_xmu.reshape(cshape)])
+
+
+def inverse_std(var, eps):
+    """1 / sqrt(var + eps), inf where var + eps is 0."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return 1.0 / np.sqrt(var + eps)
+
+
+def update_running(running_mean, running_var, mean, var, count, momentum):
+    """PyTorch's update: r = (1 - momentum) r + momentum b, variance unbiased."""
+    unbiased = var * (count / (count - 1))
+    running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
+    running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased
