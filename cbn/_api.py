@@ -1,7 +1,7 @@
 """cbn's public functions: argument checks here, then ``_compute`` drives the kernels."""
 import numpy as np
 
-from . import _args, _compute
+from . import _args, _compute, _fast
 from ._layout import empty_like_layout
 
 _EXAMPLE_SETUP = """
@@ -191,6 +191,10 @@ def batch_norm(
     >>> y_eval = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
     """
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
+    if training and running_mean is None and running_var is None:
+        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y)
+        if fast is not None:
+            return fast[0]
     if training:
         outs = ((out_y, None, None), ("out", None, None))
         y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs)
@@ -257,6 +261,12 @@ def batch_norm_forward(
     ((4,), dtype('float32'))
     """
     outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
+    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
+        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0])
+        if fast is not None:
+            y, stats = fast
+            mean, _, invstd = stats.astype(y.dtype, copy=False)
+            return y, mean, invstd
     labels = _args.out_labels(_FORWARD_OUTPUTS)
     return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, labels))
 
@@ -301,6 +311,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     True
     """
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
+    if out_dgamma is None and out_dbeta is None:
+        fast = _fast.backward(dy, x, mean, invstd, gamma, channel_axis, out_dx)
+        if fast is not None:
+            dx, sums, invstd64 = fast
+            return dx, (sums[1] * invstd64).astype(dx.dtype, copy=False), sums[0].astype(dx.dtype, copy=False)
     labels = _args.out_labels(_BACKWARD_OUTPUTS)
     dy = _bulk_input(dy, "dy")
     x = _bulk_input(x, "x")
