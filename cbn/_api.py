@@ -200,6 +200,9 @@ def batch_norm(
         y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs)
         return y
 
+    y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y)
+    if y is not None:
+        return y
     x = _bulk_input(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")

@@ -75,6 +75,29 @@ def forward(x, gamma, beta, momentum, eps, channel_axis, out_y):
     return y, stats
 
 
+def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y):
+    """Forward with running statistics: y or None."""
+    if not _plain(x) or type(eps) is not float or type(momentum) is not float:
+        return None
+    if not (0.0 <= eps < math.inf and 0.0 <= momentum <= 1.0):
+        return None
+    abc = _channel_view_shape(x, channel_axis)
+    if abc is None or running_mean is None or running_var is None:
+        return None
+    c = abc[1]
+    if not all(_per_channel(p, c) for p in (gamma, beta, running_mean, running_var)):
+        return None
+    y = _target(out_y, x, (x,))
+    if y is None:
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = 1.0 / np.sqrt(running_var + eps)
+    if gamma is not None:
+        scale = scale * gamma
+    _kernels.normalize(x.reshape(abc), y.reshape(abc), running_mean, scale, np.zeros(c) if beta is None else beta)
+    return y
+
+
 def backward(dy, x, mean, invstd, gamma, channel_axis, out_dx):
     """Training-mode gradient: (dx, sums (2, C) float64, invstd float64) or None."""
     if not (_plain(x) and _plain(dy) and dy.dtype == x.dtype and dy.shape == x.shape and x.size):

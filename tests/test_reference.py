@@ -373,6 +373,12 @@ def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype):
     y_out = np.empty_like(x)
     assert cbn.batch_norm(x, gamma, beta, channel_axis=axis, out=y_out) is y_out
     np.testing.assert_array_equal(y_out, general[0])
+    rm, rv = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
+    assert _fast.inference(x, gamma, beta, rm, rv, 0.1, 1e-5, axis, None) is not None
+    np.testing.assert_array_equal(
+        cbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, channel_axis=axis),
+        cbn.batch_norm(x, list(gamma), beta, running_mean=list(rm), running_var=rv, training=False, channel_axis=axis),
+    )
     _, mean, invstd = fast
     fast_grads = cbn.batch_norm_backward(dy, x, mean, invstd, gamma, channel_axis=axis)
     general_grads = cbn.batch_norm_backward(dy, x, list(mean), list(invstd), list(gamma), channel_axis=axis)
