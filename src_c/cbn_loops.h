@@ -19,6 +19,16 @@
 #define CBN_CLONES
 #endif
 
+/* The lane loops are written for the SLP (straight-line) vectorizer.  For
+ * double, GCC's loop vectorizer would also vectorize the loop around them,
+ * across iterations, into a mess of permutes; the double instances turn it
+ * off (CBN_SLP_ONLY).  The float ones vectorize well as they are. */
+#if defined(__GNUC__) && !defined(__clang__)
+#define CBN_NO_LOOP_VECTORIZE __attribute__((optimize("no-tree-loop-vectorize")))
+#else
+#define CBN_NO_LOOP_VECTORIZE
+#endif
+
 #define CBN_LANES 16
 #define CBN_COLS 256
 
@@ -39,14 +49,18 @@ static inline double cbn_tree_sum(const double *acc)
 
 #define CBN_T float
 #define CBN_SUFFIX _f
+#define CBN_SLP_ONLY
 #include "cbn_loops_t.h"
 #undef CBN_T
 #undef CBN_SUFFIX
+#undef CBN_SLP_ONLY
 
 #define CBN_T double
 #define CBN_SUFFIX _d
+#define CBN_SLP_ONLY CBN_NO_LOOP_VECTORIZE
 #include "cbn_loops_t.h"
 #undef CBN_T
 #undef CBN_SUFFIX
+#undef CBN_SLP_ONLY
 
 #endif /* CBN_LOOPS_H */

@@ -19,7 +19,7 @@
  * functions of their own (inlined into the nested loops, GCC no longer
  * vectorizes them). */
 
-CBN_CLONES static double CBN_FN(cbn_sum1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s)
+CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_sum1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s)
 {
     double acc[CBN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -27,12 +27,13 @@ CBN_CLONES static double CBN_FN(cbn_sum1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t
         for (; i + CBN_LANES <= n; i += CBN_LANES)
             for (int j = 0; j < CBN_LANES; j++)
                 acc[j] += x[i + j];
+    double tail = 0;  /* a plain scalar: indexing acc here would keep it out of registers */
     for (; i < n; i++)
-        acc[i % CBN_LANES] += x[i * s];
-    return cbn_tree_sum(acc);
+        tail += x[i * s];
+    return cbn_tree_sum(acc) + tail;
 }
 
-CBN_CLONES static double CBN_FN(cbn_sq_dev1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s, double mu, double *dev)
+CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_sq_dev1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s, double mu, double *dev)
 {
     double acc_dev[CBN_LANES] = {0}, acc_sq[CBN_LANES] = {0};
     ptrdiff_t i = 0;
@@ -43,16 +44,17 @@ CBN_CLONES static double CBN_FN(cbn_sq_dev1)(const CBN_T *x, ptrdiff_t n, ptrdif
                 acc_dev[j] += d;
                 acc_sq[j] += d * d;
             }
+    double tail_dev = 0, tail_sq = 0;
     for (; i < n; i++) {
         double d = x[i * s] - mu;
-        acc_dev[i % CBN_LANES] += d;
-        acc_sq[i % CBN_LANES] += d * d;
+        tail_dev += d;
+        tail_sq += d * d;
     }
-    *dev += cbn_tree_sum(acc_dev);
-    return cbn_tree_sum(acc_sq);
+    *dev += cbn_tree_sum(acc_dev) + tail_dev;
+    return cbn_tree_sum(acc_sq) + tail_sq;
 }
 
-CBN_CLONES static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, ptrdiff_t n,
+CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, ptrdiff_t n,
                                             double mu, double *sum_dy)
 {
     double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
@@ -64,13 +66,14 @@ CBN_CLONES static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, ptrdiff_t sd, c
                 acc_dy[j] += g;
                 acc_dy_xmu[j] += g * (x[i + j] - mu);
             }
+    double tail_dy = 0, tail_dy_xmu = 0;
     for (; i < n; i++) {
         double g = dy[i * sd];
-        acc_dy[i % CBN_LANES] += g;
-        acc_dy_xmu[i % CBN_LANES] += g * (x[i * sx] - mu);
+        tail_dy += g;
+        tail_dy_xmu += g * (x[i * sx] - mu);
     }
-    *sum_dy += cbn_tree_sum(acc_dy);
-    return cbn_tree_sum(acc_dy_xmu);
+    *sum_dy += cbn_tree_sum(acc_dy) + tail_dy;
+    return cbn_tree_sum(acc_dy_xmu) + tail_dy_xmu;
 }
 
 /* sums[c] += sum of channel c's values, in double */
