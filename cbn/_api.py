@@ -218,11 +218,8 @@ def batch_norm(
 
     work = _args.compute_dtype(result)
     xc = _as_compute(x, work)
-    invstd = _compute.inverse_std(var, eps)
-    scale = invstd if gamma is None else invstd * gamma
-    shift = np.zeros(cshape) if beta is None else beta
     y = _bulk_target(out_y, xc, work, [xc])
-    _compute.normalize(xc, y, axes, mean, scale, shift)
+    _compute.inference(xc, y, axes, mean, var, gamma, beta, eps)
     return _deliver(y, out_y, result)
 
 

@@ -50,6 +50,21 @@ def normalize(x, y, axes, mean, scale, shift):
 _NONE = np.empty(0)  # "no gamma / no beta" for the kernels
 
 
+def inference(x, y, axes, mean, var, gamma, beta, eps):
+    """y = (x - mean) / sqrt(var + eps) * gamma + beta with float64 running statistics."""
+    if x.size == 0:
+        return
+    layout = plan([x, y], axes)
+    grid = layout.channel_grid
+    mean, var = mean.reshape(grid), var.reshape(grid)
+    gamma = None if gamma is None else gamma.reshape(grid)
+    beta = None if beta is None else beta.reshape(grid)
+    for c, (xb, yb) in layout.blocks():
+        g = _NONE if gamma is None else gamma[c]
+        b = _NONE if beta is None else beta[c]
+        _kernels.inference(xb, yb, mean[c], var[c], g, b, eps)
+
+
 def per_block(rows, grid):
     """Per-channel rows for the kernels: shape (*grid[:-1], n, C), C-contiguous per block."""
     return np.ascontiguousarray(np.moveaxis(np.reshape(rows, (len(rows), *grid)), 0, -2))

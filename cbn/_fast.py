@@ -90,11 +90,9 @@ def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_
     y = _target(out_y, x, (x,))
     if y is None:
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        scale = 1.0 / np.sqrt(running_var + eps)
-    if gamma is not None:
-        scale = scale * gamma
-    _kernels.normalize(x.reshape(abc), y.reshape(abc), running_mean, scale, np.zeros(c) if beta is None else beta)
+    g = _NONE if gamma is None else gamma
+    b = _NONE if beta is None else beta
+    _kernels.inference(x.reshape(abc), y.reshape(abc), running_mean, running_var, g, b, eps)
     return y
 
 

@@ -522,6 +522,35 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
     free(p)
 
 
+def inference(const floating[:, :, :] x,     # IN  (A, C, B)
+              floating[:, :, :] y,           # OUT (A, C, B); may be x itself
+              const double[::1] mean,        # IN  (C,) running mean
+              const double[::1] var,         # IN  (C,) running variance
+              const double[::1] gamma,       # IN  (C,), or (0,) for ones
+              const double[::1] beta,        # IN  (C,), or (0,) for zeros
+              double eps):
+    """y = (x - mean) * (1 / sqrt(var + eps) * gamma) + beta, per channel."""
+    cdef View xv, yv
+    cdef Grid g
+    cdef floating *p
+    cdef Py_ssize_t c, C = x.shape[1]
+    cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
+    cdef const double *bet = &beta[0] if beta.shape[0] else NULL
+    cdef double inv
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    xv = view_of(x)
+    yv = view_of(y)
+    g = make_grid(x)
+    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    with nogil:
+        for c in range(C):
+            inv = 1.0 / sqrt(var[c] + eps)
+            set_affine(p, C, c, mean[c], inv * gam[c] if gam != NULL else inv, bet[c] if bet != NULL else 0.0)
+        grid_affine(&xv, &yv, &g, p)
+    free(p)
+
+
 cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, Py_ssize_t group, double eps,
                            const double *gamma, const double *beta, double *mean, double *var, double *invstd,
                            floating *p, floating *kind) noexcept nogil:
