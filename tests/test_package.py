@@ -88,3 +88,11 @@ def test_bench_sweep_spans_1e3_to_1e8_elements():
 
     sizes = [np.prod(shape) for _, shape, _ in _bench.sweep_cases()]
     assert sizes[0] >= 1e3 and 0.9e8 <= sizes[-1] <= 1.1e8
+
+
+def test_console_script_is_installed():
+    script = pathlib.Path(sys.executable).with_name("cbn")
+    if not script.exists():
+        pytest.skip("not installed with its console script")
+    out = subprocess.run([str(script), "info"], capture_output=True, text=True, check=True)
+    assert f"cbn {cbn.__version__}" in out.stdout
