@@ -6,9 +6,11 @@ kernels.  ``cbn.reference`` holds the same functions in plain NumPy.
 from . import reference
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats
 from ._config import show_config
+from ._layer import BatchNorm
 from ._version import __version__
 
 __all__ = [
+    "BatchNorm",
     "batch_norm",
     "batch_norm_forward",
     "batch_norm_backward",

@@ -12,6 +12,7 @@ import pytest
 import cbn
 import cbn._api
 import cbn._config
+import cbn._layer
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -59,7 +60,7 @@ def test_readme_quick_start_is_the_code_that_runs():
     assert blocks[0].strip() == source.strip()
 
 
-@pytest.mark.parametrize("module", [cbn._api, cbn._config])
+@pytest.mark.parametrize("module", [cbn._api, cbn._config, cbn._layer])
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried > 0 and failures == 0
