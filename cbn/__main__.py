@@ -1,4 +1,4 @@
-"""Command line: ``python -m cbn info | quickstart | bench [options]``."""
+"""Command line: ``python -m cbn info | quickstart | demo [options] | bench [options]``."""
 import argparse
 import runpy
 import sys
@@ -10,6 +10,7 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("info", help="print version, OpenMP, threads, NumPy and GPU status")
     commands.add_parser("quickstart", help="run the README's quick start")
+    commands.add_parser("demo", help="the paper's Figure 1 on the digits data (demo --help)", add_help=False)
     commands.add_parser(
         "bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False
     )
@@ -19,6 +20,11 @@ def main(argv=None):
         from . import _bench
 
         _bench.main(rest)
+        return
+    if args.command == "demo":
+        from . import _demo
+
+        _demo.main(rest)
         return
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")

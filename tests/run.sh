@@ -19,8 +19,8 @@ py="$venv/bin/python"
 # a stale build/ could hold objects built with other flags (CBN_OPENMP)
 rm -rf "$root/build" "$root"/wheels/cbn-*.whl
 "$py" -m build --wheel --outdir "$root/wheels" "$root"
-"$py" -m pip install -q "$root"/wheels/cbn-*.whl
-"$py" -m pip install -q -r "$root/tests/requirements.txt"
+wheel=$(ls "$root"/wheels/cbn-*.whl)
+"$py" -m pip install -q "$wheel[test,demo]"
 if [ "${CBN_TEST_TORCH:-1}" != 0 ]; then
     # the CPU build on this project's machines; elsewhere pip picks its default build
     "$py" -m pip install -q torch==2.13.0
