@@ -50,3 +50,17 @@ def assert_close(actual, expected, dtype, scale=1.0):
     assert actual.shape == expected.shape
     atol = tolerance(dtype) * max(1.0, scale)
     np.testing.assert_allclose(actual.astype(np.float64), expected.astype(np.float64), rtol=tolerance(dtype), atol=atol)
+
+
+def numerical_gradient(f, value, h=1e-6):
+    """Central differences of the scalar function f() at every element of ``value`` (changed in place, restored)."""
+    grad = np.zeros_like(value)
+    for i in np.ndindex(value.shape):
+        saved = value[i]
+        value[i] = saved + h
+        up = f()
+        value[i] = saved - h
+        down = f()
+        value[i] = saved
+        grad[i] = (up - down) / (2 * h)
+    return grad

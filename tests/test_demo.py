@@ -3,6 +3,7 @@ import io
 
 import numpy as np
 import pytest
+from helpers import numerical_gradient
 
 from cbn import _demo
 
@@ -30,18 +31,8 @@ def test_network_gradient_matches_finite_differences(batch_norm):
     grads = net.backward(dlogits)
     params = net.parameters()
     assert len(grads) == len(params)
-    h = 1e-6
     for p, g in zip(params, grads):
-        numeric = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            saved = p[i]
-            p[i] = saved + h
-            up = loss()
-            p[i] = saved - h
-            down = loss()
-            p[i] = saved
-            numeric[i] = (up - down) / (2 * h)
-        np.testing.assert_allclose(g, numeric, rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(g, numerical_gradient(loss, p), rtol=1e-5, atol=1e-8)
 
 
 def test_batch_norm_trains_faster_and_runs_are_reproducible():

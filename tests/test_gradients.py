@@ -1,22 +1,9 @@
 """batch_norm_backward against central finite differences of the forward (float64)."""
 import numpy as np
 import pytest
+from helpers import numerical_gradient
 
 import cbn
-
-
-def _numerical_gradient(f, value, h=1e-6):
-    """Central differences of the scalar function f at every element of value."""
-    grad = np.zeros_like(value)
-    for i in np.ndindex(value.shape):
-        saved = value[i]
-        value[i] = saved + h
-        up = f()
-        value[i] = saved - h
-        down = f()
-        value[i] = saved
-        grad[i] = (up - down) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize(
@@ -37,9 +24,9 @@ def test_backward_matches_finite_differences(shape, axis, rng):
     _, mean, invstd = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis)
     dx, dgamma, dbeta = cbn.batch_norm_backward(weights, x, mean, invstd, gamma, channel_axis=axis)
 
-    np.testing.assert_allclose(dx, _numerical_gradient(loss, x), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dgamma, _numerical_gradient(loss, gamma), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(dbeta, _numerical_gradient(loss, beta), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dx, numerical_gradient(loss, x), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dgamma, numerical_gradient(loss, gamma), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(dbeta, numerical_gradient(loss, beta), rtol=1e-6, atol=1e-7)
 
 
 def test_gradient_without_gamma_is_the_unit_scale_gradient(rng):

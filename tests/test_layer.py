@@ -1,22 +1,10 @@
 """cbn.BatchNorm: PyTorch's layer semantics, state and gradients."""
 import numpy as np
 import pytest
+from helpers import numerical_gradient
 
 import cbn
 from cbn import reference
-
-
-def _numerical_gradient(f, value, h=1e-6):
-    grad = np.zeros_like(value)
-    for i in np.ndindex(value.shape):
-        saved = value[i]
-        value[i] = saved + h
-        up = f()
-        value[i] = saved - h
-        down = f()
-        value[i] = saved
-        grad[i] = (up - down) / (2 * h)
-    return grad
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -121,9 +109,9 @@ def test_eval_backward_matches_finite_differences(channel_axis, shape, features)
 
     layer(x)
     dx = layer.backward(w)
-    np.testing.assert_allclose(dx, _numerical_gradient(loss, x), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(dx, numerical_gradient(loss, x), rtol=1e-6, atol=1e-8)
     grad_weight = layer.grad_weight.copy()
-    np.testing.assert_allclose(grad_weight, _numerical_gradient(loss, layer.weight), rtol=1e-6, atol=1e-8)
+    np.testing.assert_allclose(grad_weight, numerical_gradient(loss, layer.weight), rtol=1e-6, atol=1e-8)
 
 
 def test_without_affine_or_running_stats():
