@@ -89,7 +89,7 @@ def _running_stats(running_mean, running_var, cshape, training):
     )
 
 
-def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs):
+def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs):
     """Checks and computes the training forward; returns (y, mean, invstd).
 
     ``outs`` holds the ``out=`` entries for (y, mean, invstd) and their labels.
@@ -114,7 +114,7 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
 
     xc = _as_compute(x, work)
     y = _bulk_target(out_y, xc, work, [xc])
-    stats = _compute.train(xc, y, axes, cshape, count, gamma, beta, eps)
+    stats = _compute.train(xc, y, axes, cshape, count, gamma, beta, eps, act)
     mean, var, invstd = stats
     if running_mean is not None:
         _compute.update_running(running_mean, running_var, mean, var, count, momentum)
@@ -142,9 +142,11 @@ def batch_norm(
     momentum=0.1,
     eps=1e-5,
     channel_axis=1,
+    activation=None,
+    negative_slope=0.01,
     out=None,
 ):
-    """Batch normalization, ``y = gamma * (x - mean) / sqrt(var + eps) + beta``.
+    """Batch normalization, ``y = act(gamma * (x - mean) / sqrt(var + eps) + beta)``.
 
     Parameters
     ----------
@@ -166,6 +168,10 @@ def batch_norm(
         Added to the variance before the square root; finite and >= 0.
     channel_axis : int or tuple of ints, default 1
         The channel axis or axes; statistics reduce over all other axes.
+    activation : {None, "relu", "leaky_relu", "sigmoid", "tanh"}, optional
+        Applied to the normalized, scaled and shifted value in the same pass.
+    negative_slope : float, default 0.01
+        Slope of ``"leaky_relu"`` for negative inputs.
     out : ndarray or 1-tuple of ndarray, optional
         Where to write y (same shape as x; ``out=x`` works in place).
 
@@ -190,19 +196,21 @@ def batch_norm(
     >>> y = cbn.batch_norm(x, running_mean=rm, running_var=rv)  # updates rm, rv
     >>> y_eval = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
     """
+    act = _args.activation(activation, negative_slope)
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
-    if training and running_mean is None and running_var is None:
+    if training and running_mean is None and running_var is None and act[0] == 0:
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y)
         if fast is not None:
             return fast[0]
     if training:
         outs = ((out_y, None, None), ("out", None, None))
-        y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs)
+        y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs)
         return y
 
-    y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y)
-    if y is not None:
-        return y
+    if act[0] == 0:
+        y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y)
+        if y is not None:
+            return y
     x = _bulk_input(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")
@@ -219,7 +227,7 @@ def batch_norm(
     work = _args.compute_dtype(result)
     xc = _as_compute(x, work)
     y = _bulk_target(out_y, xc, work, [xc])
-    _compute.inference(xc, y, axes, mean, var, gamma, beta, eps)
+    _compute.inference(xc, y, axes, mean, var, gamma, beta, eps, act)
     return _deliver(y, out_y, result)
 
 
@@ -233,13 +241,15 @@ def batch_norm_forward(
     momentum=0.1,
     eps=1e-5,
     channel_axis=1,
+    activation=None,
+    negative_slope=0.01,
     out=None,
 ):
     """Training forward that also returns what :func:`batch_norm_backward` needs.
 
     Parameters
     ----------
-    x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis
+    x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, activation, negative_slope
         As for :func:`batch_norm` with ``training=True``.
     out : tuple of 3 ndarrays or None, optional
         Where to write (y, mean, invstd); entries may be None.  Statistics
@@ -260,18 +270,21 @@ def batch_norm_forward(
     >>> mean.shape, invstd.dtype
     ((4,), dtype('float32'))
     """
+    act = _args.activation(activation, negative_slope)
     outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
-    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
+    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None and act[0] == 0:
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0])
         if fast is not None:
             y, stats = fast
             mean, _, invstd = stats.astype(y.dtype, copy=False)
             return y, mean, invstd
     labels = _args.out_labels(_FORWARD_OUTPUTS)
-    return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, (outs, labels))
+    return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, (outs, labels))
 
 
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
+def batch_norm_backward(
+    dy, x, mean, invstd, gamma=None, beta=None, *, activation=None, negative_slope=0.01, channel_axis=1, out=None
+):
     """Gradient of the training-mode batch norm with respect to x, gamma and beta.
 
     With ``xhat = (x - mean) * invstd`` and m values per channel::
@@ -279,6 +292,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
         dbeta  = sum(dy)
         dgamma = sum(dy * xhat)
         dx     = gamma * invstd / m * (m * dy - dbeta - xhat * dgamma)
+
+    With an activation, ``dy`` is first taken through it: ``dy * act'(z)``
+    with the pre-activation ``z = gamma * xhat + beta`` recomputed from x.
 
     Parameters
     ----------
@@ -288,8 +304,11 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
         The forward's input.
     mean, invstd : array_like
         Per-channel values returned by :func:`batch_norm_forward`.
-    gamma : array_like, optional
-        The forward's scale (default 1).
+    gamma, beta : array_like, optional
+        The forward's scale and shift (default 1 and 0); beta matters only
+        with an activation.
+    activation, negative_slope
+        The forward's activation (see :func:`batch_norm`).
     channel_axis : int or tuple of ints, default 1
         As in the forward.
     out : tuple of 3 ndarrays or None, optional
@@ -310,8 +329,9 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     >>> bool(np.allclose(dx, 0, atol=1e-5))  # a constant gradient is absorbed by the mean
     True
     """
+    act = _args.activation(activation, negative_slope)
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
-    if out_dgamma is None and out_dbeta is None:
+    if out_dgamma is None and out_dbeta is None and beta is None and act[0] == 0:
         fast = _fast.backward(dy, x, mean, invstd, gamma, channel_axis, out_dx)
         if fast is not None:
             dx, sums, invstd64 = fast
@@ -329,6 +349,7 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     mean = _args.per_channel(mean, "mean", cshape)
     invstd = _args.per_channel(invstd, "invstd", cshape)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
     result = _args.result_dtype(dy, x)
     work = _args.compute_dtype(result)
     _args.check_out(out_dx, labels[0], x.shape, result)
@@ -337,6 +358,10 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
 
     dyc = _as_compute(dy, work)
     xc = _as_compute(x, work)
+    if act[0]:  # through the activation first: dy * act'(z)
+        dz = empty_like_layout(xc, work)
+        _compute.activation_grad(dyc, xc, dz, axes, mean, gamma * invstd, beta, act)
+        dyc = dz
     dx = _bulk_target(out_dx, xc, work, [dyc, xc])
     sum_dy, sum_dy_xmu = _compute.backward(dyc, xc, dx, axes, cshape, count, mean, invstd, gamma)
     dgamma = sum_dy_xmu * invstd

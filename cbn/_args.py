@@ -106,7 +106,7 @@ def running_stat(value, name, cshape):
 
 def scalar(value, name, low, high):
     """A real scalar within [low, high]."""
-    if type(value) is float and low <= value <= high and value != math.inf:
+    if type(value) is float and low <= value <= high and abs(value) != math.inf:
         return value
     try:
         number = float(value)
@@ -115,6 +115,17 @@ def scalar(value, name, low, high):
     if not (math.isfinite(number) and low <= number <= high):
         raise ValueError(f"{name} must be a finite number in [{low}, {high}], got {value!r}")
     return number
+
+
+ACTIVATIONS = {None: 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}  # codes of src_c/cbn_loops.h
+
+
+def activation(name, negative_slope):
+    """(code, slope) for an ``activation=`` name and ``negative_slope``."""
+    if not (name is None or isinstance(name, str)) or name not in ACTIVATIONS:
+        choices = ", ".join(repr(a) for a in ACTIVATIONS)
+        raise ValueError(f"activation must be one of {choices}; got {name!r}")
+    return ACTIVATIONS[name], scalar(negative_slope, "negative_slope", -math.inf, math.inf)
 
 
 def outputs(out, names, func):

@@ -36,22 +36,22 @@ def channel_stats(x, axes, cshape):
     return mean.reshape(cshape), m2.reshape(cshape)
 
 
-def normalize(x, y, axes, mean, scale, shift):
-    """y = (x - mean) * scale + shift with per-channel float64 parameters."""
+def normalize(x, y, axes, mean, scale, shift, act=(0, 0.0)):
+    """y = act((x - mean) * scale + shift) with per-channel float64 parameters."""
     if x.size == 0:
         return
     layout = plan([x, y], axes)
     grid = layout.channel_grid
     mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
     for c, (xb, yb) in layout.blocks():
-        _kernels.normalize(xb, yb, mean[c], scale[c], shift[c])
+        _kernels.normalize(xb, yb, mean[c], scale[c], shift[c], *act)
 
 
 _NONE = np.empty(0)  # "no gamma / no beta" for the kernels
 
 
-def inference(x, y, axes, mean, var, gamma, beta, eps):
-    """y = (x - mean) / sqrt(var + eps) * gamma + beta with float64 running statistics."""
+def inference(x, y, axes, mean, var, gamma, beta, eps, act=(0, 0.0)):
+    """y = act((x - mean) / sqrt(var + eps) * gamma + beta) with float64 running statistics."""
     if x.size == 0:
         return
     layout = plan([x, y], axes)
@@ -62,7 +62,7 @@ def inference(x, y, axes, mean, var, gamma, beta, eps):
     for c, (xb, yb) in layout.blocks():
         g = _NONE if gamma is None else gamma[c]
         b = _NONE if beta is None else beta[c]
-        _kernels.inference(xb, yb, mean[c], var[c], g, b, eps)
+        _kernels.inference(xb, yb, mean[c], var[c], g, b, eps, *act)
 
 
 def per_block(rows, grid):
@@ -77,8 +77,8 @@ def from_blocks(per, cshape):
     return np.moveaxis(per, -2, 0).reshape((per.shape[-2], *cshape))
 
 
-def train(x, y, axes, cshape, count, gamma, beta, eps):
-    """Training forward into y; returns float64 (3, *cshape): mean, var, invstd."""
+def train(x, y, axes, cshape, count, gamma, beta, eps, act=(0, 0.0)):
+    """Training forward into y (activation ``act``: code, slope); returns float64 (3, *cshape): mean, var, invstd."""
     if x.size == 0:
         return np.empty((3, *cshape))
     layout = plan([x, y], axes)
@@ -88,15 +88,27 @@ def train(x, y, axes, cshape, count, gamma, beta, eps):
         g = _NONE if gamma is None else gamma.reshape(grid)
         b = _NONE if beta is None else beta.reshape(grid)
         for c, (xb, yb) in layout.blocks():
-            _kernels.forward_train(xb, yb, g if gamma is None else g[c], b if beta is None else b[c], eps, per[c])
+            gc = g if gamma is None else g[c]
+            _kernels.forward_train(xb, yb, gc, b if beta is None else b[c], eps, per[c], *act)
         return from_blocks(per, cshape)
     stats = np.empty((3, *cshape))
     stats[0], m2 = channel_stats(x, axes, cshape)
     stats[1] = m2 / count
     stats[2] = inverse_std(stats[1], eps)
     scale = stats[2] if gamma is None else stats[2] * gamma
-    normalize(x, y, axes, stats[0], scale, np.zeros(cshape) if beta is None else beta)
+    normalize(x, y, axes, stats[0], scale, np.zeros(cshape) if beta is None else beta, act)
     return stats
+
+
+def activation_grad(dy, x, dz, axes, mean, scale, shift, act):
+    """dz = dy * act'(z) with z = (x - mean) * scale + shift recomputed from x."""
+    if x.size == 0:
+        return
+    layout = plan([dy, x, dz], axes)
+    grid = layout.channel_grid
+    mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
+    for c, (dyb, xb, dzb) in layout.blocks():
+        _kernels.activation_grad(dyb, xb, dzb, mean[c], scale[c], shift[c], *act)
 
 
 def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):

@@ -68,10 +68,19 @@ cdef extern from "cbn_loops.h" nogil:
                                              double *sq)
     void group_affine_f "cbn_group_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *y,
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
-                                             Py_ssize_t n, const float *p, Py_ssize_t ps)
+                                             Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope)
     void group_affine_d "cbn_group_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *y,
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
-                                             Py_ssize_t n, const double *p, Py_ssize_t ps)
+                                             Py_ssize_t n, const double *p, Py_ssize_t ps, int act, double slope)
+    void group_act_grad_f "cbn_group_act_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
+                                                 const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dz,
+                                                 Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
+                                                 Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope)
+    void group_act_grad_d "cbn_group_act_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
+                                                 const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
+                                                 double *dz, Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m,
+                                                 Py_ssize_t g, Py_ssize_t n, const double *p, Py_ssize_t ps, int act,
+                                                 double slope)
     void group_grad_sums_f "cbn_group_grad_sums_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
                                                    const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
                                                    Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu,
@@ -99,9 +108,19 @@ cdef extern from "cbn_loops.h" nogil:
                                                  Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                                  const double *mu, double *sum_dy, double *sum_dy_xmu)
     void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
-                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps)
+                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps,
+                                           int act, float slope)
     void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, double *y, Py_ssize_t ya,
-                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps)
+                                           Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps,
+                                           int act, double slope)
+    void cols_act_grad_f "cbn_cols_act_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x,
+                                               Py_ssize_t xa, Py_ssize_t sx, float *dz, Py_ssize_t oa, Py_ssize_t so,
+                                               Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps, int act,
+                                               float slope)
+    void cols_act_grad_d "cbn_cols_act_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x,
+                                               Py_ssize_t xa, Py_ssize_t sx, double *dz, Py_ssize_t oa, Py_ssize_t so,
+                                               Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps, int act,
+                                               double slope)
     void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
                                        Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
                                        Py_ssize_t n, const float *p, Py_ssize_t ps)
@@ -116,6 +135,11 @@ cdef extern from "cbn_loops.h" nogil:
 cdef struct View:
     char *data                      # element [0, 0, 0]
     Py_ssize_t sa, sc, sb           # strides in elements
+
+
+cdef struct Act:
+    int code                        # an activation fused into the elementwise pass (cbn_loops.h)
+    double slope                    # negative slope of leaky ReLU
 
 
 cdef View view_of(const floating[:, :, :] v) noexcept:
@@ -255,16 +279,29 @@ cdef inline void group_sq_dev(const View *x, const RowTile *t, const double *mu,
                        mu, dev, sq)
 
 
-cdef inline void group_affine(const View *x, const View *y, const RowTile *t, const floating *p,
-                              Py_ssize_t ps) noexcept nogil:
+cdef inline void group_affine(const View *x, const View *y, const RowTile *t, const floating *p, Py_ssize_t ps,
+                              const Act *act) noexcept nogil:
     """p points at channel c0's (mu_hi, mu_lo, scale, shift), rows ps apart."""
     cdef floating *kind = NULL
     if floating is float:
         group_affine_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
-                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps)
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, <float>act.slope)
     else:
         group_affine_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
-                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps)
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope)
+
+
+cdef inline void group_act_grad(const View *dy, const View *x, const View *dz, const RowTile *t, const floating *p,
+                                Py_ssize_t ps, const Act *act) noexcept nogil:
+    cdef floating *kind = NULL
+    if floating is float:
+        group_act_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa,
+                         x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0, t.c1 - t.c0,
+                         t.b1 - t.b0, p, ps, act.code, <float>act.slope)
+    else:
+        group_act_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa,
+                         x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0, t.c1 - t.c0,
+                         t.b1 - t.b0, p, ps, act.code, act.slope)
 
 
 cdef inline void group_grad_sums(const View *dy, const View *x, const RowTile *t, const double *mu, double *sum_dy,
@@ -310,14 +347,27 @@ cdef inline void cols_grad_sums(const View *dy, const View *x, const Grid *g, co
 
 
 cdef inline void cols_affine(const View *x, const View *y, const Grid *g, const ColumnChunk *t, const floating *p,
-                             Py_ssize_t ps) noexcept nogil:
+                             Py_ssize_t ps, const Act *act) noexcept nogil:
     cdef floating *kind = NULL
     if floating is float:
         cols_affine_f(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
-                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, <float>act.slope)
     else:
         cols_affine_d(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
-                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, act.slope)
+
+
+cdef inline void cols_act_grad(const View *dy, const View *x, const View *dz, const Grid *g, const ColumnChunk *t,
+                               const floating *p, Py_ssize_t ps, const Act *act) noexcept nogil:
+    cdef floating *kind = NULL
+    if floating is float:
+        cols_act_grad_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
+                        row_stride(x, g), x.sc, chunk_at(dz, g, t, kind), row_stride(dz, g), dz.sc, t.r1 - t.r0,
+                        t.c1 - t.c0, p, ps, act.code, <float>act.slope)
+    else:
+        cols_act_grad_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
+                        row_stride(x, g), x.sc, chunk_at(dz, g, t, kind), row_stride(dz, g), dz.sc, t.r1 - t.r0,
+                        t.c1 - t.c0, p, ps, act.code, act.slope)
 
 
 cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const Grid *g, const ColumnChunk *t,
@@ -468,27 +518,28 @@ def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
 # ==========================================================================
 # Normalize: y = (x - mean) * scale + shift
 
-cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p) noexcept nogil:
-    """Task k of y = (x - mean) * scale + shift; p holds 4 rows of C parameters."""
+cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p,
+                      const Act *act) noexcept nogil:
+    """Task k of y = act((x - mean) * scale + shift); p holds 4 rows of C parameters."""
     cdef RowTile t
     cdef ColumnChunk h
     if g.columns:
         h = column_chunk(g, k)
-        cols_affine(x, y, g, &h, p + h.c0, g.C)
+        cols_affine(x, y, g, &h, p + h.c0, g.C, act)
     else:
         t = row_tile(g, k)
-        group_affine(x, y, &t, p + t.c0, g.C)
+        group_affine(x, y, &t, p + t.c0, g.C, act)
 
 
-cdef void grid_affine(const View *x, const View *y, const Grid *g, const floating *p) noexcept nogil:
+cdef void grid_affine(const View *x, const View *y, const Grid *g, const floating *p, const Act *act) noexcept nogil:
     cdef Py_ssize_t k
     cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
     if nt == 1:
         for k in range(g.tasks):
-            affine_task(x, y, g, k, p)
+            affine_task(x, y, g, k, p, act)
     else:
         for k in prange(g.tasks, num_threads=nt, schedule="static"):
-            affine_task(x, y, g, k, p)
+            affine_task(x, y, g, k, p, act)
 
 
 cdef inline void set_affine(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double scale,
@@ -503,12 +554,14 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
               floating[:, :, :] y,           # OUT (A, C, B); may be x itself
               const double[::1] mean,        # IN  (C,)
               const double[::1] scale,       # IN  (C,) gamma * invstd
-              const double[::1] shift):      # IN  (C,) beta
-    """y = (x - mean) * scale + shift, per channel (inference)."""
+              const double[::1] shift,       # IN  (C,) beta
+              int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
+    """y = act((x - mean) * scale + shift), per channel."""
     cdef View xv, yv
     cdef Grid g
     cdef floating *p
     cdef Py_ssize_t c, C = x.shape[1]
+    cdef Act a = Act(act, slope)
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     xv = view_of(x)
@@ -518,7 +571,7 @@ def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
     with nogil:
         for c in range(C):
             set_affine(p, C, c, mean[c], scale[c], shift[c])
-        grid_affine(&xv, &yv, &g, p)
+        grid_affine(&xv, &yv, &g, p, &a)
     free(p)
 
 
@@ -528,12 +581,14 @@ def inference(const floating[:, :, :] x,     # IN  (A, C, B)
               const double[::1] var,         # IN  (C,) running variance
               const double[::1] gamma,       # IN  (C,), or (0,) for ones
               const double[::1] beta,        # IN  (C,), or (0,) for zeros
-              double eps):
-    """y = (x - mean) * (1 / sqrt(var + eps) * gamma) + beta, per channel."""
+              double eps,
+              int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
+    """y = act((x - mean) * (1 / sqrt(var + eps) * gamma) + beta), per channel."""
     cdef View xv, yv
     cdef Grid g
     cdef floating *p
     cdef Py_ssize_t c, C = x.shape[1]
+    cdef Act a = Act(act, slope)
     cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
     cdef const double *bet = &beta[0] if beta.shape[0] else NULL
     cdef double inv
@@ -547,13 +602,13 @@ def inference(const floating[:, :, :] x,     # IN  (A, C, B)
         for c in range(C):
             inv = 1.0 / sqrt(var[c] + eps)
             set_affine(p, C, c, mean[c], inv * gam[c] if gam != NULL else inv, bet[c] if bet != NULL else 0.0)
-        grid_affine(&xv, &yv, &g, p)
+        grid_affine(&xv, &yv, &g, p, &a)
     free(p)
 
 
 cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, Py_ssize_t group, double eps,
                            const double *gamma, const double *beta, double *mean, double *var, double *invstd,
-                           floating *p, floating *kind) noexcept nogil:
+                           floating *p, const Act *act, floating *kind) noexcept nogil:
     """Channels k*group:(k+1)*group of the fused training forward: statistics, then y from cache.
 
     mean, var and invstd come zeroed; invstd serves as scratch until the end.
@@ -567,7 +622,7 @@ cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize
         invstd[c] = 1.0 / sqrt(var[c] + eps)
         set_affine(p, g.C, c, mean[c], invstd[c] * (gamma[c] if gamma != NULL else 1.0),
                    beta[c] if beta != NULL else 0.0)
-    group_affine(x, y, &t, p + t.c0, g.C)
+    group_affine(x, y, &t, p + t.c0, g.C, act)
 
 
 def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
@@ -575,8 +630,9 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
                   const double[::1] gamma,     # IN  (C,), or (0,) for ones
                   const double[::1] beta,      # IN  (C,), or (0,) for zeros
                   double eps,
-                  double[:, ::1] stats):       # OUT (3, C): mean, biased var, invstd
-    """Training forward: batch statistics, then y, in as few passes as fit."""
+                  double[:, ::1] stats,        # OUT (3, C): mean, biased var, invstd
+                  int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
+    """Training forward: batch statistics, then y = act(normalized), in as few passes as fit."""
     cdef floating *kind = NULL
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
@@ -590,6 +646,7 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
     cdef double *part
     cdef Py_ssize_t c, k, group, n_groups
     cdef int nt
+    cdef Act a = Act(act, slope)
     if A * B * C == 0:
         return
     stats[:, :] = 0
@@ -607,10 +664,10 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
             with nogil:
                 if nt == 1:
                     for k in range(n_groups):
-                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, kind)
+                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, &a, kind)
                 else:
                     for k in prange(n_groups, num_threads=nt, schedule="static"):
-                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, kind)
+                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, &a, kind)
             return
         # no cache reuse possible: a statistics pass, then a normalize pass
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
@@ -621,7 +678,7 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
                 invstd[c] = 1.0 / sqrt(var[c] + eps)
                 set_affine(p, C, c, mean[c], invstd[c] * (gam[c] if gam != NULL else 1.0),
                            bet[c] if bet != NULL else 0.0)
-            grid_affine(&xv, &yv, &g, p)
+            grid_affine(&xv, &yv, &g, p, &a)
         free(part)
     finally:
         free(p)
@@ -629,6 +686,53 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
 
 # ==========================================================================
 # Gradient
+
+cdef void act_grad_task(const View *dy, const View *x, const View *dz, const Grid *g, Py_ssize_t k,
+                        const floating *p, const Act *act) noexcept nogil:
+    """Task k of dz = dy * act'(z), z = (x - mean) * scale + shift; p holds 4 rows of C."""
+    cdef RowTile t
+    cdef ColumnChunk h
+    if g.columns:
+        h = column_chunk(g, k)
+        cols_act_grad(dy, x, dz, g, &h, p + h.c0, g.C, act)
+    else:
+        t = row_tile(g, k)
+        group_act_grad(dy, x, dz, &t, p + t.c0, g.C, act)
+
+
+def activation_grad(const floating[:, :, :] dy,   # IN  (A, C, B)
+                    const floating[:, :, :] x,    # IN  (A, C, B)
+                    floating[:, :, :] dz,         # OUT (A, C, B); may be dy itself
+                    const double[::1] mean,       # IN  (C,)
+                    const double[::1] scale,      # IN  (C,) gamma * invstd
+                    const double[::1] shift,      # IN  (C,) beta
+                    int act, double slope):
+    """dz = dy * act'(z), the pre-activation z = (x - mean) * scale + shift recomputed from x."""
+    cdef View dyv, xv, dzv
+    cdef Grid g
+    cdef floating *p
+    cdef Py_ssize_t c, k, C = x.shape[1]
+    cdef Act a = Act(act, slope)
+    cdef int nt
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
+        return
+    dyv = view_of(dy)
+    xv = view_of(x)
+    dzv = view_of(dz)
+    g = make_grid(x)
+    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
+    with nogil:
+        for c in range(C):
+            set_affine(p, C, c, mean[c], scale[c], shift[c])
+        if nt == 1:
+            for k in range(g.tasks):
+                act_grad_task(&dyv, &xv, &dzv, &g, k, p, &a)
+        else:
+            for k in prange(g.tasks, num_threads=nt, schedule="static"):
+                act_grad_task(&dyv, &xv, &dzv, &g, k, p, &a)
+    free(p)
+
 
 cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_t k, const double *mean,
                          double *part_dy, double *part_dy_xmu, floating *kind) noexcept nogil:

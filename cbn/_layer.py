@@ -5,6 +5,7 @@ import numpy as np
 
 from . import _args
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward
+from .reference import _activation_slope
 
 
 class BatchNorm:
@@ -27,6 +28,10 @@ class BatchNorm:
         Keep ``running_mean``, ``running_var`` and ``num_batches_tracked``;
         in eval mode normalize with them.  Without them, batch statistics are
         used in both modes.
+    activation : {None, "relu", "leaky_relu", "sigmoid", "tanh"}, optional
+        Applied to the output in the same pass (see :func:`cbn.batch_norm`).
+    negative_slope : float, default 0.01
+        Slope of ``"leaky_relu"`` for negative inputs.
     dtype : dtype, default float32
         dtype of the parameters and running statistics.
 
@@ -62,6 +67,8 @@ class BatchNorm:
         momentum=0.1,
         affine=True,
         track_running_stats=True,
+        activation=None,
+        negative_slope=0.01,
         dtype=np.float32,
     ):
         self.channel_shape = _feature_shape(num_features)
@@ -75,6 +82,9 @@ class BatchNorm:
         self.dtype = np.dtype(dtype)
         if self.dtype.kind != "f" or self.dtype.itemsize > 8:
             raise TypeError(f"dtype must be float16, float32 or float64, got {self.dtype}")
+        _args.activation(activation, negative_slope)  # checked here, used by the functions
+        self.activation = activation
+        self.negative_slope = negative_slope
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.weight = np.ones(self.channel_shape, self.dtype) if affine else None
@@ -91,7 +101,7 @@ class BatchNorm:
         return (
             f"BatchNorm({self.channel_shape if len(self.channel_shape) > 1 else self.channel_shape[0]}, "
             f"channel_axis={self.channel_axis}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-            f"track_running_stats={self.track_running_stats}, dtype={self.dtype.name})"
+            f"track_running_stats={self.track_running_stats}, activation={self.activation!r}, dtype={self.dtype.name})"
         )
 
     # -- modes ------------------------------------------------------------
@@ -121,13 +131,14 @@ class BatchNorm:
             mean, invstd = np.empty(self.channel_shape), np.empty(self.channel_shape)
             y, _, _ = batch_norm_forward(
                 x, self.weight, self.bias, momentum=momentum, eps=self.eps, channel_axis=self.channel_axis,
-                out=(None, mean, invstd), **running,
+                activation=self.activation, negative_slope=self.negative_slope, out=(None, mean, invstd), **running,
             )
             self.num_batches_tracked = batches  # only once the batch went through
         else:
             y = batch_norm(
                 x, self.weight, self.bias, running_mean=self.running_mean, running_var=self.running_var,
-                training=False, eps=self.eps, channel_axis=self.channel_axis,
+                training=False, eps=self.eps, channel_axis=self.channel_axis, activation=self.activation,
+                negative_slope=self.negative_slope,
             )
             mean = self.running_mean.astype(np.float64)
             with np.errstate(divide="ignore"):
@@ -148,9 +159,14 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first")
         x, mean, invstd, used_batch_stats = self._saved
         if used_batch_stats:
-            dx, dgamma, dbeta = batch_norm_backward(dy, x, mean, invstd, self.weight, channel_axis=self.channel_axis)
+            dx, dgamma, dbeta = batch_norm_backward(
+                dy, x, mean, invstd, self.weight, self.bias, activation=self.activation,
+                negative_slope=self.negative_slope, channel_axis=self.channel_axis,
+            )
         else:
-            dx, dgamma, dbeta = _eval_backward(dy, x, mean, invstd, self.weight, self.channel_axis)
+            dx, dgamma, dbeta = _eval_backward(
+                dy, x, mean, invstd, self.weight, self.bias, self.activation, self.negative_slope, self.channel_axis
+            )
         if self.affine:
             self.grad_weight = dgamma.astype(self.dtype)
             self.grad_bias = dbeta.astype(self.dtype)
@@ -208,8 +224,8 @@ def _broadcaster(ndim, axes, cshape):
     return lambda values: np.transpose(values, order).reshape(shape)
 
 
-def _eval_backward(dy, x, mean, invstd, weight, channel_axis):
-    """Gradient of y = (x - mean) * invstd * weight + bias with mean and invstd constant."""
+def _eval_backward(dy, x, mean, invstd, weight, bias, activation, negative_slope, channel_axis):
+    """Gradient of y = act((x - mean) * invstd * weight + bias) with mean and invstd constant."""
     dy, x = np.asarray(dy), np.asarray(x)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of the forward's input {x.shape}, got {dy.shape}")
@@ -219,8 +235,11 @@ def _eval_backward(dy, x, mean, invstd, weight, channel_axis):
     reduced = tuple(i for i in range(x.ndim) if i not in axes)
     back_to_given_order = np.argsort(np.argsort(axes))
     gamma = np.ones(cshape) if weight is None else weight.astype(np.float64)
-    g = dy.astype(np.float64)
+    beta = np.zeros(cshape) if bias is None else bias.astype(np.float64)
     xhat = (x.astype(np.float64) - per_channel(mean)) * per_channel(invstd)
+    g = dy.astype(np.float64)
+    if activation is not None:  # through the activation, at the recomputed pre-activation
+        g = g * _activation_slope(per_channel(gamma) * xhat + per_channel(beta), activation, negative_slope)
     dgamma = np.transpose(np.sum(g * xhat, axis=reduced), back_to_given_order)
     dbeta = np.transpose(np.sum(g, axis=reduced), back_to_given_order)
     dx = (g * per_channel(gamma * invstd)).astype(_args.result_dtype(dy, x))

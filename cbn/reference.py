@@ -36,6 +36,31 @@ def _write(value, out, dtype):
     return out
 
 
+def _activate(z, activation, slope):
+    if activation == "relu":
+        return np.maximum(z, 0.0)
+    if activation == "leaky_relu":
+        return np.where(z > 0, z, z * slope)
+    if activation == "sigmoid":
+        with np.errstate(over="ignore"):
+            return 1.0 / (1.0 + np.exp(-z))
+    if activation == "tanh":
+        return np.tanh(z)
+    return z
+
+
+def _activation_slope(z, activation, slope):
+    """d act(z) / dz"""
+    if activation == "relu":
+        return (z > 0).astype(np.float64)
+    if activation == "leaky_relu":
+        return np.where(z > 0, 1.0, slope)
+    if activation in ("sigmoid", "tanh"):
+        a = _activate(z, activation, slope)
+        return a * (1.0 - a) if activation == "sigmoid" else 1.0 - a * a
+    return np.ones_like(z)
+
+
 def _stats64(t, axes):
     red = _reduced_axes(t, axes)
     mean = t.mean(axis=red)
@@ -57,16 +82,28 @@ def batch_stats(x, *, channel_axis=1):
 
 
 def batch_norm_forward(
-    x, gamma=None, beta=None, *, running_mean=None, running_var=None, momentum=0.1, eps=1e-5, channel_axis=1, out=None
+    x,
+    gamma=None,
+    beta=None,
+    *,
+    running_mean=None,
+    running_var=None,
+    momentum=0.1,
+    eps=1e-5,
+    channel_axis=1,
+    activation=None,
+    negative_slope=0.01,
+    out=None,
 ):
     """Training forward returning (y, mean, invstd) (see :func:`cbn.batch_norm_forward`)."""
+    act = (activation, _args.activation(activation, negative_slope)[1])
     names = ("y", "mean", "invstd")
     outs = _args.outputs(out, names, "batch_norm_forward")
     labels = _args.out_labels(names)
-    return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels)
+    return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs, labels)
 
 
-def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels):
+def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs, labels):
     out_y, out_mean, out_invstd = outs
     x = _args.as_real_array(x, "x")
     if x.ndim < 2:
@@ -94,7 +131,7 @@ def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_a
     t = _channels_last(x, axes)
     mean, var = _stats64(t, axes)
     invstd = 1.0 / np.sqrt(var + eps)
-    y = gamma * (t - mean) * invstd + beta
+    y = _activate(gamma * (t - mean) * invstd + beta, *act)
     if running_mean is not None:
         unbiased = var * m / (m - 1)
         running_mean[...] = (1 - momentum) * running_mean.astype(np.float64) + momentum * mean
@@ -117,14 +154,17 @@ def batch_norm(
     momentum=0.1,
     eps=1e-5,
     channel_axis=1,
+    activation=None,
+    negative_slope=0.01,
     out=None,
 ):
     """Batch normalization (see :func:`cbn.batch_norm`)."""
+    act = (activation, _args.activation(activation, negative_slope)[1])
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
     if training:
         outs = (out_y, None, None)
         labels = ("out", None, None)
-        return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, outs, labels)[0]
+        return _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs, labels)[0]
     x = _args.as_real_array(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")
@@ -143,12 +183,15 @@ def batch_norm(
 
     t = _channels_last(x, axes)
     with np.errstate(divide="ignore", invalid="ignore"):
-        y = gamma * (t - mean) / np.sqrt(var + eps) + beta
+        y = _activate(gamma * (t - mean) / np.sqrt(var + eps) + beta, *act)
     return _write(_channels_back(y, axes), out_y, result)
 
 
-def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=None):
+def batch_norm_backward(
+    dy, x, mean, invstd, gamma=None, beta=None, *, activation=None, negative_slope=0.01, channel_axis=1, out=None
+):
     """Gradient of the training forward (see :func:`cbn.batch_norm_backward`)."""
+    slope = _args.activation(activation, negative_slope)[1]
     names = ("dx", "dgamma", "dbeta")
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, names, "batch_norm_backward")
     labels = _args.out_labels(names)
@@ -164,14 +207,15 @@ def batch_norm_backward(dy, x, mean, invstd, gamma=None, *, channel_axis=1, out=
     mean = _args.per_channel(mean, "mean", cshape)
     invstd = _args.per_channel(invstd, "invstd", cshape)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
     result = _args.result_dtype(dy, x)
     work = _args.compute_dtype(result)
     _args.check_out(out_dx, labels[0], x.shape, result)
     _args.check_out(out_dgamma, labels[1], cshape, work)
     _args.check_out(out_dbeta, labels[2], cshape, work)
 
-    g = _channels_last(dy, axes)
     xhat = (_channels_last(x, axes) - mean) * invstd
+    g = _channels_last(dy, axes) * _activation_slope(gamma * xhat + beta, activation, slope)
     red = _reduced_axes(g, axes)
     dbeta = g.sum(axis=red)
     dgamma = (g * xhat).sum(axis=red)

@@ -44,6 +44,15 @@ static inline double cbn_tree_sum(const double *acc)
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* Activations fused into the elementwise passes (codes shared with _kernels.pyx). */
+enum { CBN_IDENTITY = 0, CBN_RELU = 1, CBN_LEAKY_RELU = 2, CBN_SIGMOID = 3, CBN_TANH = 4 };
+
+#include <math.h>
+static inline float cbn_exp_f(float v) { return expf(v); }
+static inline double cbn_exp_d(double v) { return exp(v); }
+static inline float cbn_tanh_f(float v) { return tanhf(v); }
+static inline double cbn_tanh_d(double v) { return tanh(v); }
+
 #define CBN_CAT_(a, b) a##b
 #define CBN_CAT(a, b) CBN_CAT_(a, b)
 

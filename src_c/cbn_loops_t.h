@@ -94,11 +94,54 @@ CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, pt
             sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
 }
 
+/* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
+static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
+{
+    switch (act) {
+    case CBN_RELU:
+        for (ptrdiff_t i = 0; i < n; i++)
+            v[i * s] = v[i * s] > 0 ? v[i * s] : (CBN_T)0;
+        break;
+    case CBN_LEAKY_RELU:
+        for (ptrdiff_t i = 0; i < n; i++)
+            v[i * s] = v[i * s] > 0 ? v[i * s] : v[i * s] * slope;
+        break;
+    case CBN_SIGMOID:
+        for (ptrdiff_t i = 0; i < n; i++)
+            v[i * s] = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-v[i * s]));
+        break;
+    case CBN_TANH:
+        for (ptrdiff_t i = 0; i < n; i++)
+            v[i * s] = CBN_FN(cbn_tanh)(v[i * s]);
+        break;
+    }
+}
+
+/* dy * act'(z) with z the pre-activation */
+static inline CBN_T CBN_FN(cbn_act_grad1)(CBN_T dy, CBN_T z, int act, CBN_T slope)
+{
+    CBN_T a;
+    switch (act) {
+    case CBN_RELU:
+        return z > 0 ? dy : (CBN_T)0;
+    case CBN_LEAKY_RELU:
+        return z > 0 ? dy : dy * slope;
+    case CBN_SIGMOID:
+        a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-z));
+        return dy * a * ((CBN_T)1 - a);
+    case CBN_TANH:
+        a = CBN_FN(cbn_tanh)(z);
+        return dy * ((CBN_T)1 - a * a);
+    default:
+        return dy;
+    }
+}
+
 /* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b.
  * p holds 4 rows (mu_hi, mu_lo, scale, shift) of ps values, one per channel. */
 CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *y,
                                                 ptrdiff_t ya, ptrdiff_t yc, ptrdiff_t sy, ptrdiff_t m, ptrdiff_t g,
-                                                ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+                                                ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope)
 {
     for (ptrdiff_t r = 0; r < m; r++)
         for (ptrdiff_t c = 0; c < g; c++) {
@@ -111,6 +154,25 @@ CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, pt
             else
                 for (ptrdiff_t i = 0; i < n; i++)
                     v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
+            if (act != CBN_IDENTITY)
+                CBN_FN(cbn_activate)(v, n, sy, act, slope);
+        }
+}
+
+/* dz = dy * act'(z), z = ((x - mu_hi) - mu_lo) * scale + shift recomputed from x; p as for
+ * cbn_group_affine */
+CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
+                                                  const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dz,
+                                                  ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so, ptrdiff_t m, ptrdiff_t g,
+                                                  ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++) {
+            const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
+            CBN_T *v = dz + r * oa + c * oc;
+            CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+            for (ptrdiff_t i = 0; i < n; i++)
+                v[i * so] = CBN_FN(cbn_act_grad1)(q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift, act, slope);
         }
 }
 
@@ -227,7 +289,8 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
 /* y = ((x - mu_hi) - mu_lo) * scale + shift per channel; p holds 4 rows (mu_hi, mu_lo, scale, shift)
  * of ps values */
 CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
-                                               ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+                                               ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps,
+                                               int act, CBN_T slope)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
     for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
@@ -237,7 +300,22 @@ CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptr
         else
             for (ptrdiff_t i = 0; i < n; i++)
                 y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+        if (act != CBN_IDENTITY)
+            CBN_FN(cbn_activate)(y, n, sy, act, slope);
     }
+}
+
+/* dz = dy * act'(z) per channel, z recomputed from x; p as for cbn_cols_affine */
+CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
+                                                 ptrdiff_t xa, ptrdiff_t sx, CBN_T *dz, ptrdiff_t oa, ptrdiff_t so,
+                                                 ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act,
+                                                 CBN_T slope)
+{
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dz += oa)
+        for (ptrdiff_t i = 0; i < n; i++)
+            dz[i * so] = CBN_FN(cbn_act_grad1)(dy[i * sd], ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i],
+                                               act, slope);
 }
 
 /* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy per channel; p holds 5 rows
