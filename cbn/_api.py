@@ -358,11 +358,11 @@ def batch_norm_backward(
 
     dyc = _as_compute(dy, work)
     xc = _as_compute(x, work)
-    if act[0]:  # through the activation first: dy * act'(z)
-        dz = empty_like_layout(xc, work)
+    dx = _bulk_target(out_dx, xc, work, [dyc, xc])
+    if act[0]:  # through the activation first: dz = dy * act'(z), into dx's buffer unless that is x
+        dz = empty_like_layout(xc, work) if np.may_share_memory(dx, xc) else dx
         _compute.activation_grad(dyc, xc, dz, axes, mean, gamma * invstd, beta, act)
         dyc = dz
-    dx = _bulk_target(out_dx, xc, work, [dyc, xc])
     sum_dy, sum_dy_xmu = _compute.backward(dyc, xc, dx, axes, cshape, count, mean, invstd, gamma)
     dgamma = sum_dy_xmu * invstd
     return (

@@ -110,26 +110,33 @@ class _Torch:
         self.torch.set_num_threads(n)
 
 
-def _cbn_calls(x, channel_axis, dy, module):
+def _cbn_calls(x, channel_axis, dy, module, activation=None):
     cshape = (x.shape[channel_axis],)
     gamma, beta = np.ones(cshape), np.zeros(cshape)
     rm, rv = np.zeros(cshape), np.ones(cshape)
     y, dx = np.empty_like(x), np.empty_like(x)
-    _, mean, invstd = module.batch_norm_forward(x, gamma, beta, channel_axis=channel_axis)
     kw = dict(channel_axis=channel_axis)
+    if activation is not None:
+        kw["activation"] = activation
+    _, mean, invstd = module.batch_norm_forward(x, gamma, beta, **kw)
+    grad_args = (gamma,) if activation is None else (gamma, beta)
     return {
         "train": lambda: module.batch_norm_forward(x, gamma, beta, out=(y, None, None), **kw),
         "infer": lambda: module.batch_norm(
             x, gamma, beta, running_mean=rm, running_var=rv, training=False, out=y, **kw
         ),
-        "backward": lambda: module.batch_norm_backward(dy, x, mean, invstd, gamma, out=(dx, None, None), **kw),
+        "backward": lambda: module.batch_norm_backward(dy, x, mean, invstd, *grad_args, out=(dx, None, None), **kw),
     }
 
 
-def run(cases, dtypes, threads, repeat, with_reference=True, progress=True):
-    """Time every case; returns a list of records (dicts)."""
+def run(cases, dtypes, threads, repeat, with_reference=True, progress=True, activation=None):
+    """Time every case; returns a list of records (dicts).
+
+    With an ``activation``, cbn runs with it fused, ``plain_s`` times cbn
+    without it, and PyTorch (which has no fused activation) is left out.
+    """
     try:
-        torch = _Torch()
+        torch = _Torch() if activation is None else None
     except ImportError:
         torch = None
     pool = concurrent.futures.ThreadPoolExecutor(max(threads))
@@ -146,8 +153,9 @@ def run(cases, dtypes, threads, repeat, with_reference=True, progress=True):
         big = x.nbytes >= LARGE_BYTES
         reps = max(3, repeat // 2) if big else repeat
         copy = _copy_time(x, np.empty_like(x), n, pool, reps)
-        calls = _cbn_calls(x, axis, dy, cbn)
-        ref_calls = _cbn_calls(x, axis, dy, cbn.reference) if with_reference and not big else None
+        calls = _cbn_calls(x, axis, dy, cbn, activation)
+        plain_calls = _cbn_calls(x, axis, dy, cbn) if activation is not None else None
+        ref_calls = _cbn_calls(x, axis, dy, cbn.reference, activation) if with_reference and not big else None
         torch_calls = None
         if torch is not None:
             torch.set_threads(n)
@@ -159,6 +167,8 @@ def run(cases, dtypes, threads, repeat, with_reference=True, progress=True):
                 "cbn_s": _best(calls[op], reps),
                 "torch_s": _best(torch_calls[op], reps) if torch_calls else None,
                 "reference_s": _best(ref_calls[op], 2, warmup=0) if ref_calls else None,
+                "activation": activation,
+                "plain_s": _best(plain_calls[op], reps) if plain_calls else None,
             }
             records.append(record)
     if progress:
@@ -173,15 +183,17 @@ def _ratio(a, b):
 
 def report(records, out=sys.stdout):
     """Print the table and the geometric means of torch/cbn."""
+    with_plain = any(r.get("plain_s") for r in records)
     header = (f"{'case':22} {'dtype':7} {'thr':>3} {'op':8} {'copy ms':>8} {'cbn ms':>8} {'cbn/copy':>8}"
-              f" {'torch ms':>8} {'torch/cbn':>9} {'ref/cbn':>7}")
+              f" {'torch ms':>8} {'torch/cbn':>9} {'ref/cbn':>7}" + (f" {'act/plain':>9}" if with_plain else ""))
     print(header, file=out)
     print("-" * len(header), file=out)
     for r in records:
         torch_ms = f"{r['torch_s'] * 1e3:8.3f}" if r["torch_s"] else "       -"
         print(f"{r['case']:22} {r['dtype']:7} {r['threads']:>3} {r['op']:8} {r['copy_s'] * 1e3:8.3f}"
               f" {r['cbn_s'] * 1e3:8.3f} {_ratio(r['cbn_s'], r['copy_s']):>8} {torch_ms}"
-              f" {_ratio(r['torch_s'], r['cbn_s']):>9} {_ratio(r['reference_s'], r['cbn_s']):>7}", file=out)
+              f" {_ratio(r['torch_s'], r['cbn_s']):>9} {_ratio(r['reference_s'], r['cbn_s']):>7}"
+              + (f" {_ratio(r['cbn_s'], r.get('plain_s')):>9}" if with_plain else ""), file=out)
     groups = sorted({(r["dtype"], r["threads"]) for r in records})
     print(file=out)
     for dtype, n in groups:
@@ -207,6 +219,8 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="fewer repeats, no >= 100 MB case")
     parser.add_argument("--sweep", action="store_true", help="time a size sweep (1e3 to 1e8 elements) instead")
     parser.add_argument("--repeat", type=int, default=None, help="timed calls per measurement (best is kept)")
+    parser.add_argument("--activation", choices=["relu", "leaky_relu", "sigmoid", "tanh"],
+                        help="time cbn with this fused activation against cbn without it")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
     args = parser.parse_args(argv)
 
@@ -221,7 +235,7 @@ def main(argv=None):
     info = cbn.show_config(mode="dicts")
     print(f"cbn {info['cbn']} (OpenMP {'on' if info['openmp'] else 'off'}), NumPy {info['numpy']}, "
           f"Python {info['python']}, {platform.processor() or platform.machine()}, best of {repeat}")
-    records = run(cases, dtypes, threads, repeat, with_reference=not args.sweep)
+    records = run(cases, dtypes, threads, repeat, with_reference=not args.sweep, activation=args.activation)
     report(records)
     if args.json:
         with open(args.json, "w") as f:

@@ -94,25 +94,32 @@ CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, pt
             sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
 }
 
+/* One loop per stride kind (1 or s) for an elementwise statement on v[i]. */
+#define CBN_STRIDED_LOOP(n, s, STMT)                                                                        \
+    do {                                                                                                    \
+        if ((s) == 1) {                                                                                     \
+            const ptrdiff_t k_ = 1;                                                                         \
+            for (ptrdiff_t i = 0; i < (n); i++) { ptrdiff_t j = i * k_; STMT; }                             \
+        } else {                                                                                            \
+            for (ptrdiff_t i = 0; i < (n); i++) { ptrdiff_t j = i * (s); STMT; }                            \
+        }                                                                                                   \
+    } while (0)
+
 /* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
 static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
 {
     switch (act) {
     case CBN_RELU:
-        for (ptrdiff_t i = 0; i < n; i++)
-            v[i * s] = v[i * s] > 0 ? v[i * s] : (CBN_T)0;
+        CBN_STRIDED_LOOP(n, s, v[j] = v[j] > 0 ? v[j] : (CBN_T)0);
         break;
     case CBN_LEAKY_RELU:
-        for (ptrdiff_t i = 0; i < n; i++)
-            v[i * s] = v[i * s] > 0 ? v[i * s] : v[i * s] * slope;
+        CBN_STRIDED_LOOP(n, s, v[j] = v[j] > 0 ? v[j] : v[j] * slope);
         break;
     case CBN_SIGMOID:
-        for (ptrdiff_t i = 0; i < n; i++)
-            v[i * s] = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-v[i * s]));
+        CBN_STRIDED_LOOP(n, s, v[j] = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-v[j])));
         break;
     case CBN_TANH:
-        for (ptrdiff_t i = 0; i < n; i++)
-            v[i * s] = CBN_FN(cbn_tanh)(v[i * s]);
+        CBN_STRIDED_LOOP(n, s, v[j] = CBN_FN(cbn_tanh)(v[j]));
         break;
     }
 }
@@ -171,8 +178,16 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
             const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
             CBN_T *v = dz + r * oa + c * oc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-            for (ptrdiff_t i = 0; i < n; i++)
-                v[i * so] = CBN_FN(cbn_act_grad1)(q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift, act, slope);
+            if (sd == 1 && sx == 1 && so == 1 && act == CBN_RELU)  /* the common case, vectorized */
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift > 0 ? q[i] : (CBN_T)0;
+            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift > 0 ? q[i] : q[i] * slope;
+            else
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i * so] = CBN_FN(cbn_act_grad1)(q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift, act,
+                                                      slope);
         }
 }
 
@@ -312,10 +327,19 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
                                                  CBN_T slope)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dz += oa)
-        for (ptrdiff_t i = 0; i < n; i++)
-            dz[i * so] = CBN_FN(cbn_act_grad1)(dy[i * sd], ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i],
-                                               act, slope);
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dz += oa) {
+        if (sd == 1 && sx == 1 && so == 1 && act == CBN_RELU)  /* the common case, vectorized */
+            for (ptrdiff_t i = 0; i < n; i++)
+                dz[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i] > 0 ? dy[i] : (CBN_T)0;
+        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
+            for (ptrdiff_t i = 0; i < n; i++)
+                dz[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i] > 0 ? dy[i] : dy[i] * slope;
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                dz[i * so] = CBN_FN(cbn_act_grad1)(dy[i * sd],
+                                                   ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], act,
+                                                   slope);
+    }
 }
 
 /* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy per channel; p holds 5 rows

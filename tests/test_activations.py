@@ -105,3 +105,17 @@ def test_bad_activation_arguments():
         cbn.BatchNorm(3, activation="swish")
     with pytest.raises(ValueError, match="beta must have shape"):
         cbn.batch_norm_backward(x, x, np.zeros(3), np.ones(3), None, np.zeros(2), activation="relu")
+
+
+@pytest.mark.parametrize("target", ["dy", "x", "new"])
+def test_gradient_through_activation_in_place(target):
+    rng = np.random.default_rng(9)
+    x, dy = rng.normal(size=(7, 3, 4)), rng.normal(size=(7, 3, 4))
+    gamma, beta = rng.uniform(0.5, 2.0, 3), rng.normal(size=3)
+    _, mean, invstd = cbn.batch_norm_forward(x, gamma, beta, activation="relu")
+    want = cbn.batch_norm_backward(dy.copy(), x.copy(), mean, invstd, gamma, beta, activation="relu")
+    out = {"dy": dy, "x": x, "new": np.empty_like(x)}[target]
+    got = cbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, activation="relu", out=(out, None, None))
+    assert got[0] is out
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
