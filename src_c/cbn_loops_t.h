@@ -184,6 +184,16 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
             else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
                 for (ptrdiff_t i = 0; i < n; i++)
                     v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift > 0 ? q[i] : q[i] * slope;
+            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_SIGMOID)
+                for (ptrdiff_t i = 0; i < n; i++) {
+                    CBN_T a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-(((u[i] - mu_hi) - mu_lo) * scale + shift)));
+                    v[i] = q[i] * a * ((CBN_T)1 - a);
+                }
+            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_TANH)
+                for (ptrdiff_t i = 0; i < n; i++) {
+                    CBN_T a = CBN_FN(cbn_tanh)(((u[i] - mu_hi) - mu_lo) * scale + shift);
+                    v[i] = q[i] * ((CBN_T)1 - a * a);
+                }
             else
                 for (ptrdiff_t i = 0; i < n; i++)
                     v[i * so] = CBN_FN(cbn_act_grad1)(q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift, act,
@@ -334,6 +344,16 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
         else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
             for (ptrdiff_t i = 0; i < n; i++)
                 dz[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i] > 0 ? dy[i] : dy[i] * slope;
+        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_SIGMOID)
+            for (ptrdiff_t i = 0; i < n; i++) {
+                CBN_T a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-(((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i])));
+                dz[i] = dy[i] * a * ((CBN_T)1 - a);
+            }
+        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_TANH)
+            for (ptrdiff_t i = 0; i < n; i++) {
+                CBN_T a = CBN_FN(cbn_tanh)(((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
+                dz[i] = dy[i] * ((CBN_T)1 - a * a);
+            }
         else
             for (ptrdiff_t i = 0; i < n; i++)
                 dz[i * so] = CBN_FN(cbn_act_grad1)(dy[i * sd],
