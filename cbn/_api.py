@@ -198,8 +198,8 @@ def batch_norm(
     """
     act = _args.activation(activation, negative_slope)
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
-    if training and running_mean is None and running_var is None and act[0] == 0:
-        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y)
+    if training and running_mean is None and running_var is None:
+        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y, act)
         if fast is not None:
             return fast[0]
     if training:
@@ -207,10 +207,9 @@ def batch_norm(
         y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs)
         return y
 
-    if act[0] == 0:
-        y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y)
-        if y is not None:
-            return y
+    y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y, act)
+    if y is not None:
+        return y
     x = _bulk_input(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")
@@ -272,8 +271,8 @@ def batch_norm_forward(
     """
     act = _args.activation(activation, negative_slope)
     outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
-    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None and act[0] == 0:
-        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0])
+    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
+        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0], act)
         if fast is not None:
             y, stats = fast
             mean, _, invstd = stats.astype(y.dtype, copy=False)
@@ -331,8 +330,8 @@ def batch_norm_backward(
     """
     act = _args.activation(activation, negative_slope)
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
-    if out_dgamma is None and out_dbeta is None and beta is None and act[0] == 0:
-        fast = _fast.backward(dy, x, mean, invstd, gamma, channel_axis, out_dx)
+    if out_dgamma is None and out_dbeta is None:
+        fast = _fast.backward(dy, x, mean, invstd, gamma, beta, channel_axis, out_dx, act)
         if fast is not None:
             dx, sums, invstd64 = fast
             return dx, (sums[1] * invstd64).astype(dx.dtype, copy=False), sums[0].astype(dx.dtype, copy=False)

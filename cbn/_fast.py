@@ -56,7 +56,7 @@ def _target(out, x, inputs):
     return None
 
 
-def forward(x, gamma, beta, momentum, eps, channel_axis, out_y):
+def forward(x, gamma, beta, momentum, eps, channel_axis, out_y, act=(0, 0.0)):
     """Training forward without running statistics: (y, stats (3, C) float64) or None."""
     if not _plain(x) or x.ndim < 2 or type(eps) is not float or type(momentum) is not float:
         return None
@@ -71,11 +71,11 @@ def forward(x, gamma, beta, momentum, eps, channel_axis, out_y):
     stats = np.empty((3, abc[1]))
     g = _NONE if gamma is None else gamma
     b = _NONE if beta is None else beta
-    _kernels.forward_train(x.reshape(abc), y.reshape(abc), g, b, eps, stats)
+    _kernels.forward_train(x.reshape(abc), y.reshape(abc), g, b, eps, stats, *act)
     return y, stats
 
 
-def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y):
+def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y, act=(0, 0.0)):
     """Forward with running statistics: y or None."""
     if not _plain(x) or type(eps) is not float or type(momentum) is not float:
         return None
@@ -92,11 +92,11 @@ def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_
         return None
     g = _NONE if gamma is None else gamma
     b = _NONE if beta is None else beta
-    _kernels.inference(x.reshape(abc), y.reshape(abc), running_mean, running_var, g, b, eps)
+    _kernels.inference(x.reshape(abc), y.reshape(abc), running_mean, running_var, g, b, eps, *act)
     return y
 
 
-def backward(dy, x, mean, invstd, gamma, channel_axis, out_dx):
+def backward(dy, x, mean, invstd, gamma, beta, channel_axis, out_dx, act=(0, 0.0)):
     """Training-mode gradient: (dx, sums (2, C) float64, invstd float64) or None."""
     if not (_plain(x) and _plain(dy) and dy.dtype == x.dtype and dy.shape == x.shape and x.size):
         return None
@@ -105,15 +105,20 @@ def backward(dy, x, mean, invstd, gamma, channel_axis, out_dx):
         return None
     c = abc[1]
     if not (_per_channel(mean, c, _KERNEL_DTYPES) and _per_channel(invstd, c, _KERNEL_DTYPES) and mean is not None
-            and invstd is not None and _per_channel(gamma, c, _KERNEL_DTYPES)):
+            and invstd is not None and _per_channel(gamma, c, _KERNEL_DTYPES) and _per_channel(beta, c)):
         return None
     dx = _target(out_dx, x, (dy, x))
-    if dx is None:
+    if dx is None or (act[0] and dx is x):
         return None
     params = np.empty((3, c))
     params[0] = mean
     params[1] = invstd
     params[2] = 1.0 if gamma is None else gamma
     sums = np.empty((2, c))
-    _kernels.backward(dy.reshape(abc), x.reshape(abc), dx.reshape(abc), params, sums)
+    dy3, x3, dx3 = dy.reshape(abc), x.reshape(abc), dx.reshape(abc)
+    if act[0]:  # dz = dy * act'(z) into dx's buffer, then the gradient in place
+        shift = np.zeros(c) if beta is None else beta
+        _kernels.activation_grad(dy3, x3, dx3, params[0], params[1] * params[2], shift, *act)
+        dy3 = dx3
+    _kernels.backward(dy3, x3, dx3, params, sums)
     return dx, sums, params[1]

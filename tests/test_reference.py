@@ -352,9 +352,10 @@ def test_threadpoolctl_controls_cbn_threads():
         assert _kernels.max_threads() == 3
 
 
+@pytest.mark.parametrize("activation", [None, "leaky_relu", "sigmoid"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", [((64, 128), 1), ((8, 6, 5, 7), 1), ((8, 5, 7, 6), -1)])
-def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype):
+def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype, activation):
     """Plain arrays take cbn._fast; lists for gamma/beta/mean force the general path."""
     rng = np.random.default_rng(11)
     x = random_array(rng, shape, dtype, offset=3.0)
@@ -364,24 +365,28 @@ def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype):
     from cbn import _fast
 
     assert _fast.forward(x, gamma, beta, 0.1, 1e-5, axis, None) is not None  # the fast path applies
-    fast = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis)
-    general = cbn.batch_norm_forward(x, list(gamma), list(beta), channel_axis=axis)
+    act = dict(activation=activation)
+    fast = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis, **act)
+    general = cbn.batch_norm_forward(x, list(gamma), list(beta), channel_axis=axis, **act)
     for a, b in zip(fast, general):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(cbn.batch_norm(x, gamma, beta, channel_axis=axis), general[0])
+    np.testing.assert_array_equal(cbn.batch_norm(x, gamma, beta, channel_axis=axis, **act), general[0])
     y_out = np.empty_like(x)
-    assert cbn.batch_norm(x, gamma, beta, channel_axis=axis, out=y_out) is y_out
+    assert cbn.batch_norm(x, gamma, beta, channel_axis=axis, out=y_out, **act) is y_out
     np.testing.assert_array_equal(y_out, general[0])
     rm, rv = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
     assert _fast.inference(x, gamma, beta, rm, rv, 0.1, 1e-5, axis, None) is not None
+    eval_kw = dict(training=False, channel_axis=axis, **act)
     np.testing.assert_array_equal(
-        cbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, training=False, channel_axis=axis),
-        cbn.batch_norm(x, list(gamma), beta, running_mean=list(rm), running_var=rv, training=False, channel_axis=axis),
+        cbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, **eval_kw),
+        cbn.batch_norm(x, list(gamma), beta, running_mean=list(rm), running_var=rv, **eval_kw),
     )
     _, mean, invstd = fast
-    fast_grads = cbn.batch_norm_backward(dy, x, mean, invstd, gamma, channel_axis=axis)
-    general_grads = cbn.batch_norm_backward(dy, x, list(mean), list(invstd), list(gamma), channel_axis=axis)
+    fast_grads = cbn.batch_norm_backward(dy, x, mean, invstd, gamma, beta, channel_axis=axis, **act)
+    general_grads = cbn.batch_norm_backward(
+        dy, x, list(mean), list(invstd), list(gamma), list(beta), channel_axis=axis, **act
+    )
     for a, b in zip(fast_grads, general_grads):
         assert a.dtype == b.dtype
         np.testing.assert_array_equal(a, b)
