@@ -13,7 +13,7 @@ _EXAMPLE_SETUP = """
 # Shared steps
 
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # native byte order
+_KERNEL_DTYPES = _compute.KERNEL_DTYPES
 _FORWARD_OUTPUTS = ("y", "mean", "invstd")
 _BACKWARD_OUTPUTS = ("dx", "dgamma", "dbeta")
 

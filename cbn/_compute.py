@@ -1,4 +1,4 @@
-"""Drive the kernels over the views of ``cbn._layout``: statistics, normalize, gradient.
+"""Drive the kernels over the views of ``cbn._layout``: statistics, forward, gradient.
 
 Arguments arrive checked (``cbn._api``); per-channel arrays are float64.
 Layouts that split a channel over several blocks are handled here, merging
@@ -36,18 +36,13 @@ def channel_stats(x, axes, cshape):
     return mean.reshape(cshape), m2.reshape(cshape)
 
 
-def normalize(x, y, axes, mean, scale, shift, act=(0, 0.0)):
-    """y = act((x - mean) * scale + shift) with per-channel float64 parameters."""
-    if x.size == 0:
-        return
-    layout = plan([x, y], axes)
-    grid = layout.channel_grid
-    mean, scale, shift = (p.reshape(grid) for p in (mean, scale, shift))
-    for c, (xb, yb) in layout.blocks():
-        _kernels.normalize(xb, yb, mean[c], scale[c], shift[c], *act)
+KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the kernels take (native byte order)
+NO_PARAMETER = np.empty(0)  # gamma or beta left out: the kernels use 1 and 0
 
 
-_NONE = np.empty(0)  # "no gamma / no beta" for the kernels
+def _block(values, grid, c):
+    """Per-channel ``values`` (or None) as the kernels take them for channel block c."""
+    return NO_PARAMETER if values is None else values.reshape(grid)[c]
 
 
 def inference(x, y, axes, mean, var, gamma, beta, eps, act=(0, 0.0)):
@@ -56,13 +51,11 @@ def inference(x, y, axes, mean, var, gamma, beta, eps, act=(0, 0.0)):
         return
     layout = plan([x, y], axes)
     grid = layout.channel_grid
-    mean, var = mean.reshape(grid), var.reshape(grid)
-    gamma = None if gamma is None else gamma.reshape(grid)
-    beta = None if beta is None else beta.reshape(grid)
     for c, (xb, yb) in layout.blocks():
-        g = _NONE if gamma is None else gamma[c]
-        b = _NONE if beta is None else beta[c]
-        _kernels.inference(xb, yb, mean[c], var[c], g, b, eps, *act)
+        _kernels.inference(
+            xb, yb, _block(mean, grid, c), _block(var, grid, c), _block(gamma, grid, c), _block(beta, grid, c), eps,
+            *act,
+        )
 
 
 def per_block(rows, grid):
@@ -71,7 +64,7 @@ def per_block(rows, grid):
 
 
 def from_blocks(per, cshape):
-    """Inverse of _per_block: (n, *cshape)."""
+    """Inverse of per_block: (n, *cshape)."""
     if per.ndim == 2 and len(cshape) == 1:
         return per
     return np.moveaxis(per, -2, 0).reshape((per.shape[-2], *cshape))
@@ -85,18 +78,16 @@ def train(x, y, axes, cshape, count, gamma, beta, eps, act=(0, 0.0)):
     grid = layout.channel_grid
     if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
         per = np.empty((*grid[:-1], 3, grid[-1]))
-        g = _NONE if gamma is None else gamma.reshape(grid)
-        b = _NONE if beta is None else beta.reshape(grid)
         for c, (xb, yb) in layout.blocks():
-            gc = g if gamma is None else g[c]
-            _kernels.forward_train(xb, yb, gc, b if beta is None else b[c], eps, per[c], *act)
+            _kernels.forward_train(xb, yb, _block(gamma, grid, c), _block(beta, grid, c), eps, per[c], *act)
         return from_blocks(per, cshape)
+    # a channel split over several blocks: merged statistics, then y as at inference
     stats = np.empty((3, *cshape))
     stats[0], m2 = channel_stats(x, axes, cshape)
     stats[1] = m2 / count
-    stats[2] = inverse_std(stats[1], eps)
-    scale = stats[2] if gamma is None else stats[2] * gamma
-    normalize(x, y, axes, stats[0], scale, np.zeros(cshape) if beta is None else beta, act)
+    with np.errstate(divide="ignore"):
+        stats[2] = 1.0 / np.sqrt(stats[1] + eps)
+    inference(x, y, axes, stats[0], stats[1], gamma, beta, eps, act)
     return stats
 
 
@@ -136,12 +127,6 @@ def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
     for c, (dyb, xb, dxb) in layout.blocks():
         _kernels.backward_elemt(dyb, xb, dxb, coef[c])
     return np.stack([sum_dy.reshape(cshape), sum_dy_xmu.reshape(cshape)])
-
-
-def inverse_std(var, eps):
-    """1 / sqrt(var + eps), inf where var + eps is 0."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return 1.0 / np.sqrt(var + eps)
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum):

@@ -155,8 +155,8 @@ def run(epochs=EPOCHS, seed=0, rates=RATES, progress=True, out=None):
             rng = np.random.default_rng(seed)  # the same initial weights and batches for both
             net = MLP(sizes, rng, batch_norm=bn)
             label = f"rate {rate:g}, {'with' if bn else 'without'} BatchNorm"
-            bar = _progress(epochs, label, progress)
-            results[rate, bn] = train(net, data, rate, epochs, rng, on_epoch=lambda e, a: bar(e, a))
+            bar = _Bar(epochs, label, progress)
+            results[rate, bn] = train(net, data, rate, epochs, rng, on_epoch=bar)
             bar.close()
     _print_table(results, rates, epochs, out)
     return results
@@ -193,10 +193,6 @@ class _Bar:
             self.tqdm.close()
         elif self.enabled:
             print(file=sys.stderr)
-
-
-def _progress(total, label, enabled):
-    return _Bar(total, label, enabled)
 
 
 def _print_table(results, rates, epochs, out):

@@ -15,10 +15,10 @@ import math
 import numpy as np
 
 from . import _kernels
+from ._compute import KERNEL_DTYPES as _KERNEL_DTYPES
+from ._compute import NO_PARAMETER as _NONE
 
-_KERNEL_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _FLOAT64 = np.dtype(np.float64)
-_NONE = np.empty(0)  # "no gamma / no beta" for the kernels
 
 
 def _plain(a):

@@ -50,9 +50,6 @@ cdef Py_ssize_t MIN_TILE_VALUES = 256
 
 
 # ==========================================================================
-
-
-# ==========================================================================
 # Inner loops (src_c/cbn_loops_t.h); one fused front per loop picks the float
 # or the double instance.
 
@@ -250,13 +247,9 @@ cdef inline Py_ssize_t chunk_rows(const Grid *g, Py_ssize_t j) noexcept nogil:
     return min(j * g.tr + g.tr, g.A) - j * g.tr
 
 
-cdef inline floating *chunk_at(const View *w, const Grid *g, const ColumnChunk *t, floating *kind) noexcept nogil:
-    """Address of the chunk's first row and channel."""
+cdef inline floating *chunk_at(const View *w, const ColumnChunk *t, floating *kind) noexcept nogil:
+    """Address of the chunk's first row and channel (rows run along a: B == 1)."""
     return at(w, t.r0, t.c0, 0, kind)
-
-
-cdef inline Py_ssize_t row_stride(const View *w, const Grid *g) noexcept nogil:
-    return w.sa
 
 
 # The group fronts take a View and a block: runs a0:a1 of channels c0:c1,
@@ -331,29 +324,29 @@ cdef inline void group_grad(const View *dy, const View *x, const View *dx, const
 cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
                             floating *kind) noexcept nogil:
     if floating is float:
-        cols_stats_f(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
+        cols_stats_f(chunk_at(x, t, kind), x.sa, x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
     else:
-        cols_stats_d(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
+        cols_stats_d(chunk_at(x, t, kind), x.sa, x.sc, t.r1 - t.r0, t.c1 - t.c0, mean, m2)
 
 
 cdef inline void cols_grad_sums(const View *dy, const View *x, const Grid *g, const ColumnChunk *t, const double *mu,
                                 double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
     if floating is float:
-        cols_grad_sums_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
-                         row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
+        cols_grad_sums_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind),
+                         x.sa, x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
     else:
-        cols_grad_sums_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
-                         row_stride(x, g), x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
+        cols_grad_sums_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind),
+                         x.sa, x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
 
 
 cdef inline void cols_affine(const View *x, const View *y, const Grid *g, const ColumnChunk *t, const floating *p,
                              Py_ssize_t ps, const Act *act) noexcept nogil:
     cdef floating *kind = NULL
     if floating is float:
-        cols_affine_f(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
+        cols_affine_f(chunk_at(x, t, kind), x.sa, x.sc, chunk_at(y, t, kind), y.sa,
                       y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, <float>act.slope)
     else:
-        cols_affine_d(chunk_at(x, g, t, kind), row_stride(x, g), x.sc, chunk_at(y, g, t, kind), row_stride(y, g),
+        cols_affine_d(chunk_at(x, t, kind), x.sa, x.sc, chunk_at(y, t, kind), y.sa,
                       y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, act.slope)
 
 
@@ -361,12 +354,12 @@ cdef inline void cols_act_grad(const View *dy, const View *x, const View *dz, co
                                const floating *p, Py_ssize_t ps, const Act *act) noexcept nogil:
     cdef floating *kind = NULL
     if floating is float:
-        cols_act_grad_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
-                        row_stride(x, g), x.sc, chunk_at(dz, g, t, kind), row_stride(dz, g), dz.sc, t.r1 - t.r0,
+        cols_act_grad_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind),
+                        x.sa, x.sc, chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0,
                         t.c1 - t.c0, p, ps, act.code, <float>act.slope)
     else:
-        cols_act_grad_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind),
-                        row_stride(x, g), x.sc, chunk_at(dz, g, t, kind), row_stride(dz, g), dz.sc, t.r1 - t.r0,
+        cols_act_grad_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind),
+                        x.sa, x.sc, chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0,
                         t.c1 - t.c0, p, ps, act.code, act.slope)
 
 
@@ -374,11 +367,11 @@ cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const 
                            const floating *p, Py_ssize_t ps) noexcept nogil:
     cdef floating *kind = NULL
     if floating is float:
-        cols_grad_f(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind), row_stride(x, g),
-                    x.sc, chunk_at(dx, g, t, kind), row_stride(dx, g), dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+        cols_grad_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa,
+                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
     else:
-        cols_grad_d(chunk_at(dy, g, t, kind), row_stride(dy, g), dy.sc, chunk_at(x, g, t, kind), row_stride(x, g),
-                    x.sc, chunk_at(dx, g, t, kind), row_stride(dx, g), dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+        cols_grad_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa,
+                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
 
 
 
@@ -550,31 +543,6 @@ cdef inline void set_affine(floating *p, Py_ssize_t C, Py_ssize_t c, double mean
     p[3 * C + c] = <floating>shift
 
 
-def normalize(const floating[:, :, :] x,     # IN  (A, C, B)
-              floating[:, :, :] y,           # OUT (A, C, B); may be x itself
-              const double[::1] mean,        # IN  (C,)
-              const double[::1] scale,       # IN  (C,) gamma * invstd
-              const double[::1] shift,       # IN  (C,) beta
-              int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
-    """y = act((x - mean) * scale + shift), per channel."""
-    cdef View xv, yv
-    cdef Grid g
-    cdef floating *p
-    cdef Py_ssize_t c, C = x.shape[1]
-    cdef Act a = Act(act, slope)
-    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
-        return
-    xv = view_of(x)
-    yv = view_of(y)
-    g = make_grid(x)
-    p = <floating *>scratch(4 * C, sizeof(floating), False)
-    with nogil:
-        for c in range(C):
-            set_affine(p, C, c, mean[c], scale[c], shift[c])
-        grid_affine(&xv, &yv, &g, p, &a)
-    free(p)
-
-
 def inference(const floating[:, :, :] x,     # IN  (A, C, B)
               floating[:, :, :] y,           # OUT (A, C, B); may be x itself
               const double[::1] mean,        # IN  (C,) running mean
@@ -606,6 +574,18 @@ def inference(const floating[:, :, :] x,     # IN  (A, C, B)
     free(p)
 
 
+cdef inline void finish_channels(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, double count, double eps,
+                                 const double *gamma, const double *beta, double *mean, double *var, double *invstd,
+                                 floating *p) noexcept nogil:
+    """Channels c0:c1: M2 in var becomes the biased variance, then invstd and the normalize parameters in p."""
+    cdef Py_ssize_t c
+    for c in range(c0, c1):
+        var[c] = var[c] / count
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        set_affine(p, C, c, mean[c], invstd[c] * (gamma[c] if gamma != NULL else 1.0),
+                   beta[c] if beta != NULL else 0.0)
+
+
 cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, Py_ssize_t group, double eps,
                            const double *gamma, const double *beta, double *mean, double *var, double *invstd,
                            floating *p, const Act *act, floating *kind) noexcept nogil:
@@ -614,14 +594,8 @@ cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize
     mean, var and invstd come zeroed; invstd serves as scratch until the end.
     """
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
-    cdef double count = <double>g.R
-    cdef Py_ssize_t c
-    block_stats(x, &t, count, &mean[t.c0], &var[t.c0], &invstd[t.c0], kind)
-    for c in range(t.c0, t.c1):
-        var[c] = var[c] / count
-        invstd[c] = 1.0 / sqrt(var[c] + eps)
-        set_affine(p, g.C, c, mean[c], invstd[c] * (gamma[c] if gamma != NULL else 1.0),
-                   beta[c] if beta != NULL else 0.0)
+    block_stats(x, &t, <double>g.R, &mean[t.c0], &var[t.c0], &invstd[t.c0], kind)
+    finish_channels(t.c0, t.c1, g.C, <double>g.R, eps, gamma, beta, mean, var, invstd, p)
     group_affine(x, y, &t, p + t.c0, g.C, act)
 
 
@@ -673,11 +647,7 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
         with nogil:
             grid_stats(&xv, &g, part, mean, var, kind)
-            for c in range(C):
-                var[c] = var[c] / <double>(A * B)
-                invstd[c] = 1.0 / sqrt(var[c] + eps)
-                set_affine(p, C, c, mean[c], invstd[c] * (gam[c] if gam != NULL else 1.0),
-                           bet[c] if bet != NULL else 0.0)
+            finish_channels(0, C, C, <double>(A * B), eps, gam, bet, mean, var, invstd, p)
             grid_affine(&xv, &yv, &g, p, &a)
         free(part)
     finally:

@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _args
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward
-from .reference import _activation_slope
+from .reference import activation_derivative
 
 
 class BatchNorm:
@@ -239,7 +239,7 @@ def _eval_backward(dy, x, mean, invstd, weight, bias, activation, negative_slope
     xhat = (x.astype(np.float64) - per_channel(mean)) * per_channel(invstd)
     g = dy.astype(np.float64)
     if activation is not None:  # through the activation, at the recomputed pre-activation
-        g = g * _activation_slope(per_channel(gamma) * xhat + per_channel(beta), activation, negative_slope)
+        g = g * activation_derivative(per_channel(gamma) * xhat + per_channel(beta), activation, negative_slope)
     dgamma = np.transpose(np.sum(g * xhat, axis=reduced), back_to_given_order)
     dbeta = np.transpose(np.sum(g, axis=reduced), back_to_given_order)
     dx = (g * per_channel(gamma * invstd)).astype(_args.result_dtype(dy, x))

@@ -49,8 +49,8 @@ def _activate(z, activation, slope):
     return z
 
 
-def _activation_slope(z, activation, slope):
-    """d act(z) / dz"""
+def activation_derivative(z, activation, slope):
+    """d act(z) / dz, the activation's slope at the pre-activation z (also used by BatchNorm's eval backward)."""
     if activation == "relu":
         return (z > 0).astype(np.float64)
     if activation == "leaky_relu":
@@ -215,7 +215,7 @@ def batch_norm_backward(
     _args.check_out(out_dbeta, labels[2], cshape, work)
 
     xhat = (_channels_last(x, axes) - mean) * invstd
-    g = _channels_last(dy, axes) * _activation_slope(gamma * xhat + beta, activation, slope)
+    g = _channels_last(dy, axes) * activation_derivative(gamma * xhat + beta, activation, slope)
     red = _reduced_axes(g, axes)
     dbeta = g.sum(axis=red)
     dgamma = (g * xhat).sum(axis=red)

@@ -92,6 +92,64 @@ static inline double cbn_exp_d(double x)
 static inline float cbn_tanh_f(float v) { return 1.0f - 2.0f / (cbn_exp_f(2.0f * v) + 1.0f); }
 static inline double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) + 1.0); }
 
+/* The activation loops, written out once for both element types (CBN_T and
+ * CBN_FN are those of the instance being compiled).  The switch stays
+ * outside the loops, so that each loop vectorizes; V, DY, Z and OUT are
+ * expressions in the loop index i. */
+
+/* V = act(V) for i in [0, n) */
+#define CBN_ACTIVATE_LOOPS(n, act, slope, V)                                                        \
+    do {                                                                                            \
+    switch (act) {                                                                                  \
+    case CBN_RELU:                                                                                  \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            V = V > 0 ? V : (CBN_T)0;                                                               \
+        break;                                                                                      \
+    case CBN_LEAKY_RELU:                                                                            \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            V = V > 0 ? V : V * (slope);                                                            \
+        break;                                                                                      \
+    case CBN_SIGMOID:                                                                               \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            V = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-V));                                        \
+        break;                                                                                      \
+    case CBN_TANH:                                                                                  \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            V = CBN_FN(cbn_tanh)(V);                                                                \
+        break;                                                                                      \
+    }                                                                                               \
+    } while (0)
+
+/* OUT = DY * act'(Z) for i in [0, n), Z the pre-activation */
+#define CBN_ACT_GRAD_LOOPS(n, act, slope, DY, Z, OUT)                                               \
+    do {                                                                                            \
+    switch (act) {                                                                                  \
+    case CBN_RELU:                                                                                  \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            OUT = (Z) > 0 ? (DY) : (CBN_T)0;                                                        \
+        break;                                                                                      \
+    case CBN_LEAKY_RELU:                                                                            \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            OUT = (Z) > 0 ? (DY) : (DY) * (slope);                                                  \
+        break;                                                                                      \
+    case CBN_SIGMOID:                                                                               \
+        for (ptrdiff_t i = 0; i < (n); i++) {                                                       \
+            CBN_T a_ = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-(Z)));                               \
+            OUT = (DY) * a_ * ((CBN_T)1 - a_);                                                      \
+        }                                                                                           \
+        break;                                                                                      \
+    case CBN_TANH:                                                                                  \
+        for (ptrdiff_t i = 0; i < (n); i++) {                                                       \
+            CBN_T a_ = CBN_FN(cbn_tanh)(Z);                                                         \
+            OUT = (DY) * ((CBN_T)1 - a_ * a_);                                                      \
+        }                                                                                           \
+        break;                                                                                      \
+    default:                                                                                        \
+        for (ptrdiff_t i = 0; i < (n); i++)                                                         \
+            OUT = (DY);                                                                             \
+    }                                                                                               \
+    } while (0)
+
 #define CBN_CAT_(a, b) a##b
 #define CBN_CAT(a, b) CBN_CAT_(a, b)
 

@@ -94,54 +94,13 @@ CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, pt
             sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
 }
 
-/* One loop per stride kind (1 or s) for an elementwise statement on v[i]. */
-#define CBN_STRIDED_LOOP(n, s, STMT)                                                                        \
-    do {                                                                                                    \
-        if ((s) == 1) {                                                                                     \
-            const ptrdiff_t k_ = 1;                                                                         \
-            for (ptrdiff_t i = 0; i < (n); i++) { ptrdiff_t j = i * k_; STMT; }                             \
-        } else {                                                                                            \
-            for (ptrdiff_t i = 0; i < (n); i++) { ptrdiff_t j = i * (s); STMT; }                            \
-        }                                                                                                   \
-    } while (0)
-
 /* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
 static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
 {
-    switch (act) {
-    case CBN_RELU:
-        CBN_STRIDED_LOOP(n, s, v[j] = v[j] > 0 ? v[j] : (CBN_T)0);
-        break;
-    case CBN_LEAKY_RELU:
-        CBN_STRIDED_LOOP(n, s, v[j] = v[j] > 0 ? v[j] : v[j] * slope);
-        break;
-    case CBN_SIGMOID:
-        CBN_STRIDED_LOOP(n, s, v[j] = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-v[j])));
-        break;
-    case CBN_TANH:
-        CBN_STRIDED_LOOP(n, s, v[j] = CBN_FN(cbn_tanh)(v[j]));
-        break;
-    }
-}
-
-/* dy * act'(z) with z the pre-activation */
-static inline CBN_T CBN_FN(cbn_act_grad1)(CBN_T dy, CBN_T z, int act, CBN_T slope)
-{
-    CBN_T a;
-    switch (act) {
-    case CBN_RELU:
-        return z > 0 ? dy : (CBN_T)0;
-    case CBN_LEAKY_RELU:
-        return z > 0 ? dy : dy * slope;
-    case CBN_SIGMOID:
-        a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-z));
-        return dy * a * ((CBN_T)1 - a);
-    case CBN_TANH:
-        a = CBN_FN(cbn_tanh)(z);
-        return dy * ((CBN_T)1 - a * a);
-    default:
-        return dy;
-    }
+    if (s == 1)
+        CBN_ACTIVATE_LOOPS(n, act, slope, v[i]);
+    else
+        CBN_ACTIVATE_LOOPS(n, act, slope, v[i * s]);
 }
 
 /* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b.
@@ -178,26 +137,11 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
             const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
             CBN_T *v = dz + r * oa + c * oc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-            if (sd == 1 && sx == 1 && so == 1 && act == CBN_RELU)  /* the common case, vectorized */
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift > 0 ? q[i] : (CBN_T)0;
-            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift > 0 ? q[i] : q[i] * slope;
-            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_SIGMOID)
-                for (ptrdiff_t i = 0; i < n; i++) {
-                    CBN_T a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-(((u[i] - mu_hi) - mu_lo) * scale + shift)));
-                    v[i] = q[i] * a * ((CBN_T)1 - a);
-                }
-            else if (sd == 1 && sx == 1 && so == 1 && act == CBN_TANH)
-                for (ptrdiff_t i = 0; i < n; i++) {
-                    CBN_T a = CBN_FN(cbn_tanh)(((u[i] - mu_hi) - mu_lo) * scale + shift);
-                    v[i] = q[i] * ((CBN_T)1 - a * a);
-                }
+            if (sd == 1 && sx == 1 && so == 1)
+                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], ((u[i] - mu_hi) - mu_lo) * scale + shift, v[i]);
             else
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i * so] = CBN_FN(cbn_act_grad1)(q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift, act,
-                                                      slope);
+                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift,
+                                   v[i * so]);
         }
 }
 
@@ -214,7 +158,7 @@ CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da
 }
 
 /* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
- * that the mean and xhat absorb cancels exactly before it is scaled.  p holds 5 rows (mu_hi, mu_lo,
+ * that the mean and xhat absorb cancels before it is scaled.  p holds 5 rows (mu_hi, mu_lo,
  * dy_mean, c_xmu, k_dy) of ps values, one per channel. */
 CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                               const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dx,
@@ -338,27 +282,11 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
     for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dz += oa) {
-        if (sd == 1 && sx == 1 && so == 1 && act == CBN_RELU)  /* the common case, vectorized */
-            for (ptrdiff_t i = 0; i < n; i++)
-                dz[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i] > 0 ? dy[i] : (CBN_T)0;
-        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_LEAKY_RELU)
-            for (ptrdiff_t i = 0; i < n; i++)
-                dz[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i] > 0 ? dy[i] : dy[i] * slope;
-        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_SIGMOID)
-            for (ptrdiff_t i = 0; i < n; i++) {
-                CBN_T a = (CBN_T)1 / ((CBN_T)1 + CBN_FN(cbn_exp)(-(((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i])));
-                dz[i] = dy[i] * a * ((CBN_T)1 - a);
-            }
-        else if (sd == 1 && sx == 1 && so == 1 && act == CBN_TANH)
-            for (ptrdiff_t i = 0; i < n; i++) {
-                CBN_T a = CBN_FN(cbn_tanh)(((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
-                dz[i] = dy[i] * ((CBN_T)1 - a * a);
-            }
+        if (sd == 1 && sx == 1 && so == 1)
+            CBN_ACT_GRAD_LOOPS(n, act, slope, dy[i], ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], dz[i]);
         else
-            for (ptrdiff_t i = 0; i < n; i++)
-                dz[i * so] = CBN_FN(cbn_act_grad1)(dy[i * sd],
-                                                   ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], act,
-                                                   slope);
+            CBN_ACT_GRAD_LOOPS(n, act, slope, dy[i * sd], ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i],
+                               dz[i * so]);
     }
 }
 
