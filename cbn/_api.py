@@ -64,6 +64,26 @@ def _deliver(result, out, dtype):
     return out
 
 
+def _on_gpu(*values):
+    """Whether an argument is a CuPy array (then the GPU path runs); CuPy is not imported to check."""
+    for v in values:
+        if v is None or type(v) is np.ndarray:
+            continue
+        if type(v) is tuple:
+            if _on_gpu(*v):
+                return True
+        elif type(v).__module__.partition(".")[0] == "cupy":
+            return True
+    return False
+
+
+def _gpu():
+    """The GPU path (``cbn._gpu``), imported on first use: it imports CuPy."""
+    from . import _gpu
+
+    return _gpu
+
+
 def _training_count(shape, axes):
     count = _args.values_per_channel(shape, axes)
     if count <= 1:
@@ -197,6 +217,14 @@ def batch_norm(
     >>> y_eval = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
     """
     act = _args.activation(activation, negative_slope)
+    if _on_gpu(x, gamma, beta, running_mean, running_var, out):
+        gpu = _gpu()
+        (out_y,) = gpu.outputs(out, ("out",), "batch_norm")
+        if training:
+            outs = (out_y, None, None)
+            return gpu.train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act,
+                                     outs, ("out", None, None))[0]
+        return gpu.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, out_y)
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
     if training and running_mean is None and running_var is None:
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y, act)
@@ -270,6 +298,12 @@ def batch_norm_forward(
     ((4,), dtype('float32'))
     """
     act = _args.activation(activation, negative_slope)
+    if _on_gpu(x, gamma, beta, running_mean, running_var, out):
+        gpu = _gpu()
+        outs = gpu.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
+        labels = _args.out_labels(_FORWARD_OUTPUTS)
+        return gpu.train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs,
+                                 labels)
     outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
     if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0], act)
@@ -329,6 +363,11 @@ def batch_norm_backward(
     True
     """
     act = _args.activation(activation, negative_slope)
+    if _on_gpu(dy, x, mean, invstd, gamma, beta, out):
+        gpu = _gpu()
+        outs = gpu.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
+        return gpu.backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs,
+                            _args.out_labels(_BACKWARD_OUTPUTS))
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
     if out_dgamma is None and out_dbeta is None:
         fast = _fast.backward(dy, x, mean, invstd, gamma, beta, channel_axis, out_dx, act)
@@ -395,6 +434,8 @@ def batch_stats(x, *, channel_axis=1):
     >>> bool(np.allclose(var, x.var(axis=(0, 2, 3)), rtol=1e-5))
     True
     """
+    if _on_gpu(x):
+        return _gpu().batch_stats(x, channel_axis)
     x = _bulk_input(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")

@@ -26,12 +26,17 @@ def as_real_array(value, name):
         arr = np.asarray(value)
     except (ValueError, TypeError) as exc:  # ragged lists and the like
         raise TypeError(f"{name} could not be converted to an array of numbers: {exc}") from None
-    kind = arr.dtype.kind
-    if kind in _UNSUPPORTED_KINDS:
-        raise TypeError(f"{name} has {_UNSUPPORTED_KINDS[kind]} dtype {arr.dtype}; cbn needs real numbers")
-    if kind == "f" and arr.dtype.itemsize > 8:
-        raise TypeError(f"{name} has dtype {arr.dtype}; cbn supports float16, float32 and float64")
+    check_real_dtype(arr.dtype, name)
     return arr
+
+
+def check_real_dtype(dtype, name):
+    """Reject dtypes that are not real numbers cbn can compute with."""
+    kind = dtype.kind
+    if kind in _UNSUPPORTED_KINDS:
+        raise TypeError(f"{name} has {_UNSUPPORTED_KINDS[kind]} dtype {dtype}; cbn needs real numbers")
+    if kind == "f" and dtype.itemsize > 8:
+        raise TypeError(f"{name} has dtype {dtype}; cbn supports float16, float32 and float64")
 
 
 def result_dtype(*arrays):
@@ -40,7 +45,7 @@ def result_dtype(*arrays):
     float16, float32 and float64 stay themselves (the widest of the inputs);
     bool and integer inputs give float64.
     """
-    dtype = arrays[0].dtype if len(arrays) == 1 else np.result_type(*arrays)
+    dtype = arrays[0].dtype if len(arrays) == 1 else np.result_type(*(a.dtype for a in arrays))
     return np.dtype(np.float64) if dtype.kind in "biu" else dtype
 
 
@@ -128,8 +133,8 @@ def activation(name, negative_slope):
     return ACTIVATIONS[name], scalar(negative_slope, "negative_slope", -math.inf, math.inf)
 
 
-def outputs(out, names, func):
-    """Split ``out=`` into one entry (None or ndarray) per output, ufunc-style.
+def outputs(out, names, func, array_type=np.ndarray):
+    """Split ``out=`` into one entry (None or ``array_type``) per output, ufunc-style.
 
     One output: an array, or a 1-tuple.  Several outputs: a tuple with one
     entry per output, entries may be None.
@@ -145,8 +150,9 @@ def outputs(out, names, func):
     else:
         raise TypeError(f"{func}: out must be a tuple of {n} arrays or None ({', '.join(names)})")
     for entry, label in zip(out, out_labels(names)):
-        if entry is not None and not isinstance(entry, np.ndarray):
-            raise TypeError(f"{func}: {label} must be a numpy.ndarray or None, got {type(entry).__name__}")
+        if entry is not None and not isinstance(entry, array_type):
+            kind = f"{array_type.__module__.split('.')[0]}.{array_type.__name__}"
+            raise TypeError(f"{func}: {label} must be a {kind} or None, got {type(entry).__name__}")
     return out
 
 

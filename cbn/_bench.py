@@ -222,7 +222,11 @@ def main(argv=None):
     parser.add_argument("--activation", choices=["relu", "leaky_relu", "sigmoid", "tanh"],
                         help="time cbn with this fused activation against cbn without it")
     parser.add_argument("--json", metavar="PATH", help="also write the records as JSON")
+    parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu",
+                        help="gpu: cbn on CuPy arrays, timed with CUDA events against a device copy and cuDNN")
     args = parser.parse_args(argv)
+    if args.device == "gpu":
+        return _main_gpu(args)
 
     most = _kernels.max_threads()
     threads = [int(t) for t in args.threads.split(",")] if args.threads else sorted({1, most})
@@ -237,6 +241,25 @@ def main(argv=None):
           f"Python {info['python']}, {platform.processor() or platform.machine()}, best of {repeat}")
     records = run(cases, dtypes, threads, repeat, with_reference=not args.sweep, activation=args.activation)
     report(records)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": info, "records": records}, f, indent=1)
+
+
+def _main_gpu(args):
+    from . import _bench_gpu
+
+    info = cbn.show_config(mode="dicts")
+    if not info["gpu"].startswith("CuPy"):
+        raise SystemExit(f"no GPU benchmark: the GPU path is {info['gpu']}")
+    dtypes = [np.dtype(d).type for d in args.dtype.split(",")]
+    cases = list(DEFAULT_CASES)
+    if args.quick:
+        cases = [c for c in cases if np.prod(c[1]) * 8 < LARGE_BYTES]
+    repeat = args.repeat or (5 if args.quick else 15)
+    print(f"cbn {info['cbn']} on {info['gpu']}, best of {repeat}")
+    records = _bench_gpu.run(cases, dtypes, repeat)
+    _bench_gpu.report(records)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"config": info, "records": records}, f, indent=1)

@@ -14,9 +14,21 @@ _OPENMP_SPECS = {200505: "2.5", 200805: "3.0", 201107: "3.1", 201307: "4.0", 201
 
 
 def _gpu_status():
+    """The GPU path's device, or why it is unavailable (imports CuPy when installed)."""
     if importlib.util.find_spec("cupy") is None:
-        return "unavailable (CuPy is not installed; cbn's GPU path needs it)"
-    return "unavailable (this cbn version has no GPU kernels yet)"
+        return "unavailable (CuPy is not installed; cbn's GPU path needs it: pip install cupy-cuda12x)"
+    try:
+        import cupy
+
+        if not cupy.is_available():
+            return f"unavailable (CuPy {cupy.__version__} finds no usable CUDA device)"
+        from . import _gpu
+
+        version, name, capability = _gpu.device_info()
+    except Exception as exc:  # a broken CUDA install: say why rather than fail
+        return f"unavailable ({type(exc).__name__}: {exc})"
+    major, minor = capability[:-1], capability[-1:]
+    return f"CuPy {version}, {name} (compute capability {major}.{minor})"
 
 
 def _config():

@@ -1,0 +1,394 @@
+"""cbn's public functions on CuPy arrays: the CPU path's checks, then the CUDA kernels.
+
+Imported by ``cbn._api`` only when an argument is a ``cupy.ndarray``, so that
+``import cbn`` never imports CuPy.  The kernels (``cbn/cuda/batch_norm.cu``)
+are compiled once per device and element type and cached.
+
+Layouts: the kernels read rows of ``C * B`` values (see the .cu file).  A
+C-contiguous array whose channel axes are consecutive, or an F-contiguous
+one with a single channel axis, is used as it is; any other layout (strided
+views, channel axes out of order) goes through one copy with the channel
+axes moved last, and results come back in the caller's shape.  Arguments are
+never modified, except ``out=`` arrays and the running statistics.
+"""
+import functools
+import math
+from pathlib import Path
+
+import cupy
+import numpy as np
+
+from . import _args
+from . import _cuda_plan as plan
+
+_SOURCE = Path(__file__).with_name("cuda") / "batch_norm.cu"
+_F64 = np.dtype(np.float64)
+_P_ROWS = 7  # parameter rows of the kernels (P_ROWS in the .cu file)
+
+
+# --------------------------------------------------------------------------
+# Kernels
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_id, dtype):
+    """The kernels for arrays of ``dtype`` on one device, compiled on first use."""
+    with cupy.cuda.Device(device_id):
+        code = f'#line 1 "{_SOURCE.as_posix()}"\n' + _SOURCE.read_text()
+        names = plan.name_expressions(dtype)
+        module = cupy.RawModule(code=code, options=("--std=c++17",), name_expressions=names)
+        return {name: module.get_function(name) for name in names}
+
+
+class _Launcher:
+    """The kernels of one element type on the current device, with their typed scalars."""
+
+    def __init__(self, dtype):
+        self.dtype = np.dtype(dtype)
+        self.t, self.w = plan.CUDA_TYPES[self.dtype]
+        self.work = np.dtype(np.float64 if self.dtype == _F64 else np.float32)
+        self.kernels = _module(cupy.cuda.Device().id, self.dtype)
+
+    def __call__(self, name, grid, block, *args):
+        self.kernels[name](grid, block, args)
+
+    def reduce(self, mode, x, dy, wp, mean, shape, act):
+        """Per-channel partial sums (statistics: mode 0; gradient: mode 1); returns (partials, per channel)."""
+        A, C, B = shape
+        p = plan.reduce_plan(A, C, B)
+        part = cupy.empty(2 * C * p.partials, dtype=_F64)
+        kind = "rows" if p.by_rows else "cols"
+        self(f"cbn_reduce_{kind}<{self.t}, {mode}>", p.grid, p.block, x, dy, wp, mean, *_i64(A, C, B, p.span),
+             np.int32(p.n_chunks), np.int32(act[0]), np.float64(act[1]), part)
+        return part, p.partials
+
+    def stats(self, x, shape, eps, gamma, beta):
+        """float64 (3, C) mean, var, invstd and the parameter rows of the normalization."""
+        A, C, B = shape
+        wp = cupy.empty(_P_ROWS * C, dtype=self.work)
+        part, n_part = self.reduce(0, x, x, wp, wp, shape, (0, 0.0))
+        stats = cupy.empty(3 * C, dtype=_F64)
+        self(f"cbn_finalize_stats<{self.t}>", *plan.finalize_grid(C), part, np.int64(n_part), x, *_i64(C, B),
+             np.float64(A * B), np.float64(eps), *_optional(gamma, stats), *_optional(beta, stats), stats, wp)
+        return stats.reshape(3, C), wp
+
+    def affine_params(self, mean, spread, is_invstd, eps, gamma, beta, C):
+        wp = cupy.empty(_P_ROWS * C, dtype=self.work)
+        self(f"cbn_affine_params<{self.w}>", *plan.per_channel_grid(C), mean, spread, np.int32(is_invstd),
+             np.float64(eps), *_optional(gamma, mean), *_optional(beta, mean), np.int64(C), wp)
+        return wp
+
+    def normalize(self, x, y, wp, shape, act):
+        p = plan.elementwise_plan(*shape)
+        self(f"cbn_normalize<{self.t}>", p.grid, p.block, x, y, wp, *_i64(*shape, p.rows), np.int32(act[0]),
+             np.float64(act[1]))
+
+    def backward(self, dy, x, dx, wp, mean, invstd, gamma, shape, act):
+        """dx, and the float64 (2, C) sums of dz and dz * (x - mean)."""
+        A, C, B = shape
+        part, n_part = self.reduce(1, x, dy, wp, mean, shape, act)
+        sums = cupy.empty(2 * C, dtype=_F64)
+        self(f"cbn_finalize_grad<{self.w}>", *plan.finalize_grid(C), part, np.int64(n_part), np.int64(C),
+             np.float64(A * B), invstd, *_optional(gamma, invstd), sums, wp)
+        p = plan.elementwise_plan(*shape)
+        self(f"cbn_backward_elemt<{self.t}>", p.grid, p.block, dy, x, dx, wp, *_i64(*shape, p.rows),
+             np.int32(act[0]), np.float64(act[1]))
+        return sums.reshape(2, C)
+
+
+def _i64(*values):
+    return tuple(np.int64(v) for v in values)
+
+
+def _optional(values, placeholder):
+    """(pointer, flag) of an optional per-channel array; the kernels read 1 or 0 for a missing one."""
+    return (placeholder, np.int32(0)) if values is None else (values, np.int32(1))
+
+
+# --------------------------------------------------------------------------
+# Arguments
+
+
+def _require_cupy(named, on_gpu_name):
+    """Every array argument of a GPU call must be a cupy.ndarray on x's device."""
+    device = None
+    for name, value in named.items():
+        if value is None:
+            continue
+        if not isinstance(value, cupy.ndarray):
+            kind = f"{type(value).__module__}.{type(value).__name__}"
+            raise TypeError(
+                f"{name} is a {kind} but {on_gpu_name} is a cupy.ndarray; pass all arrays of a call on the same "
+                f"device (cupy.asarray({name}) or cupy.asnumpy({on_gpu_name}))"
+            )
+        if device is None:
+            device = value.device.id
+        elif value.device.id != device:
+            raise ValueError(f"{name} is on GPU {value.device.id} but the other arrays are on GPU {device}")
+
+
+def _first_cupy(named):
+    return next(name for name, value in named.items() if isinstance(value, cupy.ndarray))
+
+
+def _check_dtype(arr, name):
+    _args.check_real_dtype(arr.dtype, name)
+    return arr
+
+
+def _per_channel(value, name, cshape):
+    """A per-channel argument as a flat C-contiguous float64 CuPy array."""
+    if value is None:
+        return None
+    _check_dtype(value, name)
+    if value.shape != cshape:
+        raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
+    return cupy.ascontiguousarray(value, dtype=_F64).reshape(-1)
+
+
+def _running_stat(value, name, cshape):
+    if value.dtype.kind != "f" or value.dtype.itemsize > 8:
+        raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {value.dtype}")
+    if value.shape != cshape:
+        raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
+    return value
+
+
+def _running_pair(running_mean, running_var, cshape, training):
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is None:
+        if not training:
+            raise ValueError("running_mean and running_var are required when training=False")
+        return None, None
+    if training:
+        return _running_stat(running_mean, "running_mean", cshape), _running_stat(running_var, "running_var", cshape)
+    return _per_channel(running_mean, "running_mean", cshape), _per_channel(running_var, "running_var", cshape)
+
+
+def outputs(out, names, func):
+    """``out=`` split per output, as ``cbn._args.outputs``, each entry a cupy.ndarray or None."""
+    return _args.outputs(out, names, func, array_type=cupy.ndarray)
+
+
+def _check_out(arr, label, shape, dtype):
+    if arr is None:
+        return
+    if arr.shape != shape:
+        raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
+    if not np.can_cast(dtype, arr.dtype, casting="same_kind"):
+        raise TypeError(f"{label} has dtype {arr.dtype}, which cannot hold the {dtype} result")
+
+
+# --------------------------------------------------------------------------
+# Layouts
+
+
+class _Layout:
+    """How the kernels see the bulk arrays of a call: (A, C, B) and where results go."""
+
+    def __init__(self, arrays, axes):
+        shape = arrays[0].shape
+        self.shape = shape
+        self.perm = None
+        k0, k1 = axes[0], axes[-1] + 1
+        if axes == tuple(range(k0, k1)):
+            if all(a.flags.c_contiguous for a in arrays):
+                self.order, self.view = "C", (math.prod(shape[:k0]), math.prod(shape[k0:k1]), math.prod(shape[k1:]))
+                return
+            if len(axes) == 1 and all(a.flags.f_contiguous for a in arrays):
+                self.order, self.view = "F", (math.prod(shape[k1:]), shape[k0], math.prod(shape[:k0]))
+                return
+        # anything else: one copy with the reduced axes first and the channel axes last, in order
+        self.order = None
+        self.perm = tuple(i for i in range(len(shape)) if i not in axes) + tuple(axes)
+        self.view = (math.prod(shape[i] for i in self.perm[: -len(axes)]), math.prod(shape[a] for a in axes), 1)
+
+    def input(self, a, dtype):
+        """``a`` as the kernels read it, in ``dtype`` (a copy only when needed)."""
+        if self.order is None:
+            return cupy.ascontiguousarray(a.transpose(self.perm), dtype=dtype)
+        return a.astype(dtype, copy=False)
+
+    def fits(self, a):
+        return (self.order == "C" and a.flags.c_contiguous) or (self.order == "F" and a.flags.f_contiguous)
+
+    def target(self, out, dtype, inputs):
+        """Where a kernel writes a bulk result: ``out`` itself when it can, else a new array."""
+        if out is not None and out.dtype == dtype and self.fits(out):
+            if all(_same_view(out, a) or not cupy.may_share_memory(out, a) for a in inputs):
+                return out
+        if self.order is None:
+            return cupy.empty(tuple(self.shape[i] for i in self.perm), dtype=dtype)
+        return cupy.empty(self.shape, dtype=dtype, order=self.order)
+
+    def deliver(self, result, out):
+        """The result in the caller's shape, written into ``out`` when given."""
+        if self.order is None:
+            result = result.transpose(tuple(np.argsort(self.perm)))
+        if out is None or result is out:
+            return result
+        cupy.copyto(out, result, casting="same_kind")
+        return out
+
+
+def _same_view(a, b):
+    return a.data.ptr == b.data.ptr and a.strides == b.strides and a.dtype == b.dtype
+
+
+def _deliver_channel(values, out, dtype, cshape):
+    """A float64 per-channel row as ``dtype`` (or into ``out``), shaped ``cshape``."""
+    values = values.reshape(cshape)
+    if out is None:
+        return values.astype(dtype, copy=False)
+    cupy.copyto(out, values, casting="same_kind")
+    return out
+
+
+# --------------------------------------------------------------------------
+# The public functions (arguments as in cbn._api)
+
+
+def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs, labels):
+    """Training forward on the GPU: (y, mean, invstd)."""
+    named = dict(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var)
+    named.update({label: o for label, o in zip(labels, outs)})
+    _require_cupy(named, _first_cupy(named))
+    _check_dtype(x, "x")
+    if x.ndim < 2:
+        raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    count = _args.values_per_channel(x.shape, axes)
+    if count <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {x.shape}")
+    gamma = _per_channel(gamma, "gamma", cshape)
+    beta = _per_channel(beta, "beta", cshape)
+    running_mean, running_var = _running_pair(running_mean, running_var, cshape, training=True)
+    momentum = _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    work = _args.compute_dtype(result)
+    out_y, out_mean, out_invstd = outs
+    _check_out(out_y, labels[0], x.shape, result)
+    _check_out(out_mean, labels[1], cshape, work)
+    _check_out(out_invstd, labels[2], cshape, work)
+
+    with x.device:
+        layout = _Layout([x], axes)
+        xk = layout.input(x, result)
+        y = layout.target(out_y, result, [x, xk])
+        if x.size == 0:
+            stats = cupy.zeros((3, math.prod(cshape)), dtype=_F64)
+        else:
+            k = _Launcher(result)
+            stats, wp = k.stats(xk, layout.view, eps, gamma, beta)
+            k.normalize(xk, y, wp, layout.view, act)
+        if running_mean is not None:
+            mean, unbiased = stats[0].reshape(cshape), stats[1].reshape(cshape) * (count / (count - 1))
+            for running, batch in ((running_mean, mean), (running_var, unbiased)):  # as cbn._compute.update_running
+                cupy.copyto(running, (1.0 - momentum) * running.astype(_F64) + momentum * batch, casting="same_kind")
+        return (
+            layout.deliver(y, out_y),
+            _deliver_channel(stats[0], out_mean, work, cshape),
+            _deliver_channel(stats[2], out_invstd, work, cshape),
+        )
+
+
+def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, out_y):
+    """Inference forward on the GPU (running statistics): y."""
+    named = dict(x=x, gamma=gamma, beta=beta, running_mean=running_mean, running_var=running_var, out=out_y)
+    _require_cupy(named, _first_cupy(named))
+    _check_dtype(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    gamma = _per_channel(gamma, "gamma", cshape)
+    beta = _per_channel(beta, "beta", cshape)
+    mean, var = _running_pair(running_mean, running_var, cshape, training=False)
+    _args.scalar(momentum, "momentum", 0.0, 1.0)
+    eps = _args.scalar(eps, "eps", 0.0, np.inf)
+    result = _args.result_dtype(x)
+    _check_out(out_y, "out", x.shape, result)
+
+    with x.device:
+        layout = _Layout([x], axes)
+        xk = layout.input(x, result)
+        y = layout.target(out_y, result, [x, xk])
+        if x.size:
+            k = _Launcher(result)
+            wp = k.affine_params(mean, var, False, eps, gamma, beta, math.prod(cshape))
+            k.normalize(xk, y, wp, layout.view, act)
+        return layout.deliver(y, out_y)
+
+
+def backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs, labels):
+    """Gradient on the GPU: (dx, dgamma, dbeta)."""
+    named = dict(dy=dy, x=x, mean=mean, invstd=invstd, gamma=gamma, beta=beta)
+    named.update({label: o for label, o in zip(labels, outs)})
+    _require_cupy(named, _first_cupy(named))
+    _check_dtype(dy, "dy")
+    _check_dtype(x, "x")
+    if dy.shape != x.shape:
+        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    mean = _per_channel(mean, "mean", cshape)
+    invstd = _per_channel(invstd, "invstd", cshape)
+    gamma = _per_channel(gamma, "gamma", cshape)
+    beta = _per_channel(beta, "beta", cshape)
+    result = _args.result_dtype(dy, x)
+    work = _args.compute_dtype(result)
+    out_dx, out_dgamma, out_dbeta = outs
+    _check_out(out_dx, labels[0], x.shape, result)
+    _check_out(out_dgamma, labels[1], cshape, work)
+    _check_out(out_dbeta, labels[2], cshape, work)
+
+    with x.device:
+        layout = _Layout([dy, x], axes)
+        dyk, xk = layout.input(dy, result), layout.input(x, result)
+        dx = layout.target(out_dx, result, [dy, x, dyk, xk])
+        C = math.prod(cshape)
+        if x.size == 0:
+            sums = cupy.zeros((2, C), dtype=_F64)
+        else:
+            k = _Launcher(result)
+            wp = k.affine_params(mean, invstd, True, 0.0, gamma, beta, C)
+            sums = k.backward(dyk, xk, dx, wp, mean, invstd, gamma, layout.view, act)
+        return (
+            layout.deliver(dx, out_dx),
+            _deliver_channel(sums[1] * invstd, out_dgamma, work, cshape),
+            _deliver_channel(sums[0], out_dbeta, work, cshape),
+        )
+
+
+def batch_stats(x, channel_axis):
+    """Per-channel mean and biased variance on the GPU."""
+    _check_dtype(x, "x")
+    if x.ndim < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = _args.channel_axes(channel_axis, x.ndim)
+    cshape = _args.channel_shape(x.shape, axes)
+    count = _args.values_per_channel(x.shape, axes)
+    if count == 0:
+        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    result = _args.result_dtype(x)
+    work = _args.compute_dtype(result)
+    with x.device:
+        if x.size == 0:  # no channels
+            return cupy.empty(cshape, dtype=work), cupy.empty(cshape, dtype=work)
+        layout = _Layout([x], axes)
+        stats, _ = _Launcher(result).stats(layout.input(x, result), layout.view, 0.0, None, None)
+        return _deliver_channel(stats[0], None, work, cshape), _deliver_channel(stats[1], None, work, cshape)
+
+
+def device_info():
+    """(CuPy version, device name, compute capability) of the current device."""
+    device = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(device.id)["name"]
+    if isinstance(name, bytes):
+        name = name.decode()
+    return cupy.__version__, name, device.compute_capability

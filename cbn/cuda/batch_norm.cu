@@ -1,0 +1,413 @@
+// cbn's CUDA kernels, compiled at first use by cbn/_gpu.py (cupy.RawModule,
+// one module per device and element type, kernels named by template).
+//
+// Every bulk array is viewed as A rows of Q = C * B values, channel c owning
+// the B consecutive values at c * B of each row: NCHW is (N, C, H*W), NC and
+// NHWC are (rows, C, 1).  cbn/_cuda_plan.py chooses the launch shapes from
+// the array's shape only, so results never depend on the device.
+//
+// Element types T: float, double, cbn_half (float16, computed in float).
+// W is the elementwise work type: float for float16/float32, double for
+// float64.  Reductions accumulate in double, so float32 statistics keep
+// float64 accuracy; partial sums are combined in a fixed order (bitwise
+// reproducible).
+//
+// Per-channel parameter rows of W, C values each (P_*): the mean split in
+// two (mu_hi, mu_lo: x - mu_hi is exact for x near the mean, so large
+// offsets cost nothing and a constant channel gives exactly the shift),
+// then scale and shift of the normalization, then the backward's
+// dy_mean, c_xmu and k_dy.  The same formulas as the CPU kernels
+// (src_c/cbn_loops_t.h).
+
+struct cbn_half {
+    unsigned short bits;
+};
+
+enum { P_MU_HI, P_MU_LO, P_SCALE, P_SHIFT, P_DY_MEAN, P_C_XMU, P_K_DY, P_ROWS };
+enum { ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_SIGMOID, ACT_TANH };  // codes of cbn/_args.py
+
+__device__ __forceinline__ long long cbn_min(long long a, long long b) { return a < b ? a : b; }
+
+template <typename T> struct cbn_work { typedef float type; };
+template <> struct cbn_work<double> { typedef double type; };
+
+__device__ __forceinline__ float cbn_load(const float *p) { return *p; }
+__device__ __forceinline__ double cbn_load(const double *p) { return *p; }
+__device__ __forceinline__ float cbn_load(const cbn_half *p)
+{
+    unsigned short h = p->bits;
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ void cbn_store(float *p, float v) { *p = v; }
+__device__ __forceinline__ void cbn_store(double *p, double v) { *p = v; }
+__device__ __forceinline__ void cbn_store(cbn_half *p, float v)
+{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
+    p->bits = h;
+}
+
+__device__ __forceinline__ float cbn_exp(float v) { return expf(v); }
+__device__ __forceinline__ double cbn_exp(double v) { return exp(v); }
+__device__ __forceinline__ float cbn_tanh(float v) { return tanhf(v); }
+__device__ __forceinline__ double cbn_tanh(double v) { return tanh(v); }
+
+template <typename W> __device__ __forceinline__ W cbn_activate(W z, int act, W slope)
+{
+    switch (act) {
+    case ACT_RELU: return z > W(0) ? z : W(0);
+    case ACT_LEAKY_RELU: return z > W(0) ? z : z * slope;
+    case ACT_SIGMOID: return W(1) / (W(1) + cbn_exp(-z));
+    case ACT_TANH: return cbn_tanh(z);
+    default: return z;
+    }
+}
+
+// dy * act'(z), z the pre-activation
+template <typename W> __device__ __forceinline__ W cbn_activation_grad(W dy, W z, int act, W slope)
+{
+    switch (act) {
+    case ACT_RELU: return z > W(0) ? dy : W(0);
+    case ACT_LEAKY_RELU: return z > W(0) ? dy : dy * slope;
+    case ACT_SIGMOID: {
+        W a = W(1) / (W(1) + cbn_exp(-z));
+        return dy * a * (W(1) - a);
+    }
+    case ACT_TANH: {
+        W a = cbn_tanh(z);
+        return dy * (W(1) - a * a);
+    }
+    default: return dy;
+    }
+}
+
+// One element's contribution (s1, s2) to a channel's sums.
+// MODE 0, statistics: d = x - pivot, (d, d*d), the pivot a value of the channel.
+// MODE 1, gradient: dz = dy * act'(z), (dz, dz * (x - mean)).
+template <typename T, int MODE> struct cbn_term {
+    typedef typename cbn_work<T>::type W;
+    double pivot;  // MODE 0: the pivot; MODE 1: the mean
+    W mu_hi, mu_lo, scale, shift, slope;
+    int act;
+
+    __device__ __forceinline__ void add(const T *x, const T *dy, long long i, double &s1, double &s2) const
+    {
+        W v = cbn_load(x + i);
+        if (MODE == 0) {
+            double d = (double)v - pivot;
+            s1 += d;
+            s2 += d * d;
+        } else {
+            W g = cbn_load(dy + i);
+            if (act != ACT_NONE)
+                g = cbn_activation_grad(g, ((v - mu_hi) - mu_lo) * scale + shift, act, slope);
+            s1 += (double)g;
+            s2 += (double)g * ((double)v - pivot);
+        }
+    }
+};
+
+template <typename T, int MODE>
+__device__ __forceinline__ cbn_term<T, MODE> cbn_make_term(const T *x, const typename cbn_work<T>::type *wp,
+                                                           const double *mean, long long c, long long C,
+                                                           long long B, int act, double slope)
+{
+    typedef typename cbn_work<T>::type W;
+    cbn_term<T, MODE> t;
+    t.act = act;
+    t.slope = (W)slope;
+    if (MODE == 0) {
+        t.pivot = (double)cbn_load(x + c * B);  // first value of the channel (row 0, b 0)
+        t.mu_hi = t.mu_lo = t.scale = t.shift = W(0);
+    } else {
+        t.pivot = mean[c];
+        t.mu_hi = wp[P_MU_HI * C + c];
+        t.mu_lo = wp[P_MU_LO * C + c];
+        t.scale = wp[P_SCALE * C + c];
+        t.shift = wp[P_SHIFT * C + c];
+    }
+    return t;
+}
+
+// Sum (s1, s2) over a 1-D block of whole warps, in a fixed order; the result is in thread 0.
+__device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
+{
+    __shared__ double shared[2][32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    if (lane == 0) {
+        shared[0][warp] = s1;
+        shared[1][warp] = s2;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        s1 = lane < warps ? shared[0][lane] : 0.0;
+        s2 = lane < warps ? shared[1][lane] : 0.0;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+            s2 += __shfl_down_sync(0xffffffffu, s2, offset);
+        }
+    }
+}
+
+// Per-channel partial sums when a channel's values come in runs of B >= 32:
+// block k of channel c sums values [k * chunk, (k + 1) * chunk) of the
+// channel (index j = a * B + b) into part[c * n_chunks + k].
+// Grid: C * n_chunks blocks of whole warps.
+template <typename T, int MODE>
+__global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy,
+                                const typename cbn_work<T>::type *__restrict__ wp, const double *__restrict__ mean,
+                                long long A, long long C, long long B, long long chunk, int n_chunks, int act,
+                                double slope, double *__restrict__ part)
+{
+    const long long c = blockIdx.x / n_chunks;
+    const long long k = blockIdx.x - c * n_chunks;
+    const cbn_term<T, MODE> term = cbn_make_term<T, MODE>(x, wp, mean, c, C, B, act, slope);
+    const long long Q = C * B, end = cbn_min(A * B, (k + 1) * chunk), step = blockDim.x;
+    const T *xc = x + c * B, *dyc = MODE == 1 ? dy + c * B : dy;
+    // (a, b) of index j, advanced by step without a division per value
+    long long j = k * chunk + threadIdx.x;
+    long long a = j / B, b = j - a * B;
+    const long long step_a = step / B, step_b = step - step_a * B;
+    double s1 = 0.0, s2 = 0.0;
+    for (; j + 3 * step < end; j += 4 * step) {
+        long long offset[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            offset[u] = a * Q + b;
+            a += step_a;
+            b += step_b;
+            if (b >= B) {
+                b -= B;
+                a++;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            term.add(xc, dyc, offset[u], s1, s2);
+    }
+    for (; j < end; j += step) {
+        term.add(xc, dyc, a * Q + b, s1, s2);
+        a += step_a;
+        b += step_b;
+        if (b >= B) {
+            b -= B;
+            a++;
+        }
+    }
+    cbn_block_sum(s1, s2);
+    if (threadIdx.x == 0) {
+        part[2 * blockIdx.x] = s1;
+        part[2 * blockIdx.x + 1] = s2;
+    }
+}
+
+// Per-column partial sums, for channels whose values come in short runs
+// (B < 32; B == 1 for NC and NHWC): a (32, 8) block sums 32 columns q over
+// rows [chunk_y * rows, (chunk_y + 1) * rows); column q = c * B + b of chunk
+// k goes to partial (b * n_chunks + k) of channel c.
+// Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
+template <typename T, int MODE>
+__global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy,
+                                const typename cbn_work<T>::type *__restrict__ wp, const double *__restrict__ mean,
+                                long long A, long long C, long long B, long long rows, int n_chunks, int act,
+                                double slope, double *__restrict__ part)
+{
+    __shared__ double shared[2][8][33];
+    const long long Q = C * B;
+    const long long q = (long long)blockIdx.x * 32 + threadIdx.x;
+    const bool active = q < Q;
+    const long long c = active ? q / B : 0, b = q - c * B;
+    double s1 = 0.0, s2 = 0.0;
+    if (active) {
+        const cbn_term<T, MODE> term = cbn_make_term<T, MODE>(x, wp, mean, c, C, B, act, slope);
+        const long long end = cbn_min(A, (blockIdx.y + 1) * rows);
+        long long r = blockIdx.y * rows + threadIdx.y;
+        for (; r + 24 < end; r += 32) {
+#pragma unroll
+            for (int u = 0; u < 4; u++)
+                term.add(x, dy, (r + 8 * u) * Q + q, s1, s2);
+        }
+        for (; r < end; r += 8)
+            term.add(x, dy, r * Q + q, s1, s2);
+    }
+    shared[0][threadIdx.y][threadIdx.x] = s1;
+    shared[1][threadIdx.y][threadIdx.x] = s2;
+    __syncthreads();
+    if (threadIdx.y == 0 && active) {
+        for (int i = 1; i < 8; i++) {
+            s1 += shared[0][i][threadIdx.x];
+            s2 += shared[1][i][threadIdx.x];
+        }
+        const long long p = (c * B + b) * n_chunks + blockIdx.y;  // = c * (B * n_chunks) + b * n_chunks + k
+        part[2 * p] = s1;
+        part[2 * p + 1] = s2;
+    }
+}
+
+// Sum of a channel's n_part partials by one warp, in a fixed order; the result is in lane 0.
+__device__ __forceinline__ void cbn_warp_sum_partials(const double *part, long long n_part, int lane, double &s1,
+                                                      double &s2)
+{
+    s1 = 0.0;
+    s2 = 0.0;
+    for (long long p = lane; p < n_part; p += 32) {
+        s1 += part[2 * p];
+        s2 += part[2 * p + 1];
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
+    }
+}
+
+// Statistics from the partial sums of cbn_reduce_* (MODE 0), one warp per channel:
+// stats rows (mean, biased var, invstd) in double and parameter rows
+// mu_hi, mu_lo, scale = gamma * invstd, shift = beta.
+template <typename T>
+__global__ void cbn_finalize_stats(const double *__restrict__ part, long long n_part, const T *__restrict__ x,
+                                   long long C, long long B, double count, double eps,
+                                   const double *__restrict__ gamma, int has_gamma, const double *__restrict__ beta,
+                                   int has_beta, double *__restrict__ stats, typename cbn_work<T>::type *__restrict__ wp)
+{
+    typedef typename cbn_work<T>::type W;
+    const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (c >= C)
+        return;  // whole warps leave together
+    double s1, s2;
+    cbn_warp_sum_partials(part + 2 * c * n_part, n_part, lane, s1, s2);
+    if (lane != 0)
+        return;
+    const double d = s1 / count;  // mean - pivot
+    const double mean = (double)cbn_load(x + c * B) + d;
+    const double var = fmax((s2 - s1 * d) / count, 0.0);
+    const double invstd = 1.0 / sqrt(var + eps);
+    stats[c] = mean;
+    stats[C + c] = var;
+    stats[2 * C + c] = invstd;
+    const W mu_hi = (W)mean;
+    wp[P_MU_HI * C + c] = mu_hi;
+    wp[P_MU_LO * C + c] = (W)(mean - (double)mu_hi);
+    wp[P_SCALE * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * invstd);
+    wp[P_SHIFT * C + c] = (W)(has_beta ? beta[c] : 0.0);
+}
+
+// The backward's sums (MODE 1 partials), one warp per channel: sums rows
+// (sum dz, sum dz * (x - mean)) in double and parameter rows
+// dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd.
+template <typename W>
+__global__ void cbn_finalize_grad(const double *__restrict__ part, long long n_part, long long C, double count,
+                                  const double *__restrict__ invstd, const double *__restrict__ gamma, int has_gamma,
+                                  double *__restrict__ sums, W *__restrict__ wp)
+{
+    const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (c >= C)
+        return;
+    double s1, s2;
+    cbn_warp_sum_partials(part + 2 * c * n_part, n_part, lane, s1, s2);
+    if (lane != 0)
+        return;
+    const double is = invstd[c];
+    sums[c] = s1;
+    sums[C + c] = s2;
+    wp[P_DY_MEAN * C + c] = (W)(s1 / count);
+    wp[P_C_XMU * C + c] = (W)(is * is * s2 / count);
+    wp[P_K_DY * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * is);
+}
+
+// Parameter rows mu_hi, mu_lo, scale, shift from given statistics, one thread
+// per channel: spread is the variance (inference: invstd = 1 / sqrt(var + eps))
+// or, with is_invstd, invstd itself (the backward).
+template <typename W>
+__global__ void cbn_affine_params(const double *__restrict__ mean, const double *__restrict__ spread, int is_invstd,
+                                  double eps, const double *__restrict__ gamma, int has_gamma,
+                                  const double *__restrict__ beta, int has_beta, long long C, W *__restrict__ wp)
+{
+    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C)
+        return;
+    const double invstd = is_invstd ? spread[c] : 1.0 / sqrt(spread[c] + eps);
+    const W mu_hi = (W)mean[c];
+    wp[P_MU_HI * C + c] = mu_hi;
+    wp[P_MU_LO * C + c] = (W)(mean[c] - (double)mu_hi);
+    wp[P_SCALE * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * invstd);
+    wp[P_SHIFT * C + c] = (W)(has_beta ? beta[c] : 0.0);
+}
+
+// y = act(((x - mu_hi) - mu_lo) * scale + shift).  Thread (tx, ty) of block
+// (bx, by) handles column q = bx * blockDim.x + tx, rows by * rows + ty + k *
+// blockDim.y: one channel per thread, coalesced along q.  y may be x.
+template <typename T>
+__global__ void cbn_normalize(const T *x, T *y, const typename cbn_work<T>::type *__restrict__ wp, long long A,
+                              long long C, long long B, long long rows, int act, double slope)
+{
+    typedef typename cbn_work<T>::type W;
+    const long long Q = C * B;
+    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= Q)
+        return;
+    const long long c = q / B;
+    const W mu_hi = wp[P_MU_HI * C + c], mu_lo = wp[P_MU_LO * C + c];
+    const W scale = wp[P_SCALE * C + c], shift = wp[P_SHIFT * C + c], w_slope = (W)slope;
+    const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
+    long long r = blockIdx.y * rows + threadIdx.y;
+    for (; r + 3 * step < end; r += 4 * step) {  // four loads in flight, then four stores
+        W v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            v[u] = cbn_load(x + (r + u * step) * Q + q);
+#pragma unroll
+        for (int u = 0; u < 4; u++)
+            cbn_store(y + (r + u * step) * Q + q, cbn_activate(((v[u] - mu_hi) - mu_lo) * scale + shift, act, w_slope));
+    }
+    for (; r < end; r += step) {
+        W v = cbn_load(x + r * Q + q);
+        cbn_store(y + r * Q + q, cbn_activate(((v - mu_hi) - mu_lo) * scale + shift, act, w_slope));
+    }
+}
+
+// dx = ((dz - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy with dz = dy * act'(z), z recomputed
+// from x.  Launched like cbn_normalize; dx may be dy or x.
+template <typename T>
+__global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, const typename cbn_work<T>::type *__restrict__ wp,
+                                   long long A, long long C, long long B, long long rows, int act, double slope)
+{
+    typedef typename cbn_work<T>::type W;
+    const long long Q = C * B;
+    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (q >= Q)
+        return;
+    const long long c = q / B;
+    const W mu_hi = wp[P_MU_HI * C + c], mu_lo = wp[P_MU_LO * C + c];
+    const W scale = wp[P_SCALE * C + c], shift = wp[P_SHIFT * C + c], w_slope = (W)slope;
+    const W dy_mean = wp[P_DY_MEAN * C + c], c_xmu = wp[P_C_XMU * C + c], k_dy = wp[P_K_DY * C + c];
+    const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
+    long long r = blockIdx.y * rows + threadIdx.y;
+    for (; r < end; r += 2 * step) {  // two rows' loads in flight
+        W g[2], xm[2];
+        bool has[2] = {true, r + step < end};
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (has[u]) {
+                const long long i = (r + u * step) * Q + q;
+                g[u] = cbn_load(dy + i);
+                xm[u] = (cbn_load(x + i) - mu_hi) - mu_lo;
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            if (has[u]) {
+                W dz = act == ACT_NONE ? g[u] : cbn_activation_grad(g[u], xm[u] * scale + shift, act, w_slope);
+                cbn_store(dx + (r + u * step) * Q + q, ((dz - dy_mean) - xm[u] * c_xmu) * k_dy);
+            }
+        }
+    }
+}

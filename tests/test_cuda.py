@@ -1,0 +1,164 @@
+"""The GPU path's parts that need no GPU: CUDA sources compile, launch shapes cover every value, CuPy stays optional."""
+import importlib.resources
+import itertools
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import cbn
+from cbn import _api
+from cbn import _cuda_plan as plan
+
+SOURCE = importlib.resources.files("cbn") / "cuda" / "batch_norm.cu"
+DTYPES = (np.float16, np.float32, np.float64)
+
+
+def test_cuda_source_ships_with_the_package():
+    assert SOURCE.is_file()
+    assert "cbn_reduce_rows" in SOURCE.read_text()
+
+
+@pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
+def test_every_kernel_instance_compiles_with_nvcc(tmp_path, arch):
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not installed")
+    names = [name for dtype in DTYPES for name in plan.name_expressions(dtype)]
+    # taking each instance's address makes nvcc compile exactly what cupy.RawModule's name_expressions ask for
+    unit = tmp_path / "instances.cu"
+    unit.write_text(
+        f'#include "{SOURCE}"\n' + "".join(f"void *cbn_instance_{i} = (void *)&{n};\n" for i, n in enumerate(names))
+    )
+    result = subprocess.run(
+        [nvcc, "-cubin", f"-arch={arch}", "-Werror", "all-warnings", str(unit), "-o", str(tmp_path / "k.cubin")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    symbols = subprocess.run(["strings", str(tmp_path / "k.cubin")], capture_output=True, text=True).stdout
+    for base in {n.split("<")[0] for n in names}:
+        assert base in symbols
+
+
+# --------------------------------------------------------------------------
+# Launch shapes, checked by replaying each kernel's index arithmetic in Python
+
+
+def _rows_kernel_indices(A, C, B, p):
+    """(value index, partial slot) of every value cbn_reduce_rows reads, as its threads compute them."""
+    seen = []
+    Q = C * B
+    step = p.block[0]
+    for block in range(p.grid[0]):
+        c, k = divmod(block, p.n_chunks)
+        end = min(A * B, (k + 1) * p.span)
+        for t in range(step):
+            j = k * p.span + t
+            a, b = divmod(j, B)
+            step_a, step_b = divmod(step, B)
+            while j < end:
+                seen.append((a * Q + c * B + b, c * p.n_chunks + k))
+                a, b, j = a + step_a, b + step_b, j + step
+                if b >= B:
+                    b, a = b - B, a + 1
+    return seen
+
+
+def _cols_kernel_indices(A, C, B, p):
+    seen = []
+    Q = C * B
+    bx, by = p.block
+    for gx, gy, tx, ty in itertools.product(range(p.grid[0]), range(p.grid[1]), range(bx), range(by)):
+        q = gx * bx + tx
+        if q >= Q:
+            continue
+        c, b = divmod(q, B)
+        slot = (c * B + b) * p.n_chunks + gy
+        for r in range(gy * p.span + ty, min(A, (gy + 1) * p.span), by):
+            seen.append((r * Q + q, slot))
+    return seen
+
+
+SHAPES = [(1, 1, 1), (2, 3, 1), (7, 5, 3), (33, 2, 31), (3, 2, 32), (5, 3, 100), (64, 4, 49), (300, 70, 1),
+          (1000, 3, 2), (2, 1, 5000)]
+
+
+@pytest.mark.parametrize("A, C, B", SHAPES)
+def test_reduction_reads_every_value_once_into_its_channel(A, C, B):
+    p = plan.reduce_plan(A, C, B)
+    assert p.by_rows == (B >= plan.ROWS_MIN_RUN)
+    seen = (_rows_kernel_indices if p.by_rows else _cols_kernel_indices)(A, C, B, p)
+    values = sorted(i for i, _ in seen)
+    assert values == list(range(A * C * B))
+    for index, slot in seen:
+        channel = index // B % C
+        assert channel * p.partials <= slot < (channel + 1) * p.partials
+    assert all(n <= 65535 for n in p.grid[1:])
+
+
+@pytest.mark.parametrize("A, C, B", SHAPES + [(4096, 1024, 1), (32, 64, 3136)])
+def test_elementwise_launch_covers_every_value_once(A, C, B):
+    p = plan.elementwise_plan(A, C, B)
+    bx, by = p.block
+    assert bx * by == plan.THREADS and bx % 32 == 0
+    Q = C * B
+    assert p.grid[0] * bx >= Q > (p.grid[0] - 1) * bx
+    assert p.grid[1] * p.rows >= A > (p.grid[1] - 1) * p.rows and p.rows % by == 0
+    if A * Q < 100_000:
+        count = np.zeros(A * Q, dtype=int)
+        for gx, gy, tx, ty in itertools.product(range(p.grid[0]), range(p.grid[1]), range(bx), range(by)):
+            q = gx * bx + tx
+            if q < Q:
+                for r in range(gy * p.rows + ty, min(A, (gy + 1) * p.rows), by):
+                    count[r * Q + q] += 1
+        assert (count == 1).all()
+
+
+@pytest.mark.parametrize("shape", [(32, 64, 3136), (64, 256, 196), (4096, 1024, 1), (100352, 64, 1), (8, 32, 16384)])
+def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape):
+    p = plan.reduce_plan(*shape)
+    blocks = p.grid[0] * (p.grid[1] if len(p.grid) > 1 else 1)
+    assert 1000 <= blocks <= 4 * plan.REDUCE_BLOCKS
+    assert p == plan.reduce_plan(*shape)
+    e = plan.elementwise_plan(*shape)
+    assert e.grid[0] * e.grid[1] >= 1000
+
+
+def test_name_expressions_cover_each_dtype():
+    for dtype in DTYPES:
+        names = plan.name_expressions(dtype)
+        assert len(names) == len(set(names)) == 9
+    with pytest.raises(KeyError):
+        plan.name_expressions(np.int32)
+
+
+# --------------------------------------------------------------------------
+# CuPy stays optional
+
+
+def test_import_cbn_does_not_import_cupy():
+    code = "import sys, numpy as np, cbn; cbn.batch_norm(np.ones((4, 3))); assert 'cupy' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_numpy_arguments_never_take_the_gpu_path():
+    x = np.ones((4, 3))
+    assert not _api._on_gpu(x, None, np.zeros(3), (None, x), [1.0], 2.0)
+
+
+def test_objects_from_cupy_are_recognised_without_importing_it():
+    fake = type("ndarray", (), {"__module__": "cupy"})()
+    assert _api._on_gpu(None, (None, fake))
+    assert _api._on_gpu(np.ones(3), fake)
+
+
+def test_without_cupy_show_config_says_why_the_gpu_path_is_unavailable():
+    code = (
+        "import sys; sys.modules['cupy'] = None\n"  # as if CuPy were not installed
+        "import cbn; print(cbn.show_config(mode='dicts')['gpu'])"
+    )
+    printed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert printed.startswith("unavailable")
+    assert cbn.show_config(mode="dicts")["gpu"]
