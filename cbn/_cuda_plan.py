@@ -4,6 +4,7 @@ Every launch shape is a function of the array's (A, C, B) view alone, never of
 the device, so a reduction splits and combines its partial sums the same way
 on every GPU and every run: results are bitwise reproducible.
 """
+import functools
 import math
 from typing import NamedTuple
 
@@ -34,7 +35,6 @@ def name_expressions(dtype):
         f"cbn_reduce_cols<{t}, 1>",
         f"cbn_finalize_stats<{t}>",
         f"cbn_finalize_grad<{w}>",
-        f"cbn_affine_params<{w}>",
         f"cbn_normalize<{t}>",
         f"cbn_backward_elemt<{t}>",
     ]
@@ -57,6 +57,7 @@ class ElementwisePlan(NamedTuple):
     rows: int  # rows per block
 
 
+@functools.lru_cache(maxsize=256)
 def reduce_plan(A, C, B):
     """Split of a per-channel reduction over an (A, C, B) view with A * B > 0 and C > 0."""
     if B >= ROWS_MIN_RUN:
@@ -74,6 +75,7 @@ def reduce_plan(A, C, B):
     return ReducePlan(False, (tiles, n_chunks), COLS_BLOCK, span, n_chunks, B * n_chunks)
 
 
+@functools.lru_cache(maxsize=256)
 def elementwise_plan(A, C, B):
     """Launch of cbn_normalize / cbn_backward_elemt over an (A, C, B) view with a value."""
     Q = C * B
@@ -88,11 +90,9 @@ def elementwise_plan(A, C, B):
     return ElementwisePlan((tiles, math.ceil(A / rows)), (width, height), rows)
 
 
+@functools.lru_cache(maxsize=256)
 def finalize_grid(C):
     """cbn_finalize_*: one warp per channel, 1-D blocks of THREADS."""
     return (math.ceil(C * 32 / THREADS),), (THREADS,)
 
 
-def per_channel_grid(C):
-    """cbn_affine_params: one thread per channel."""
-    return (math.ceil(C / THREADS),), (THREADS,)

@@ -23,7 +23,6 @@ from . import _cuda_plan as plan
 
 _SOURCE = Path(__file__).with_name("cuda") / "batch_norm.cu"
 _F64 = np.dtype(np.float64)
-_P_ROWS = 7  # parameter rows of the kernels (P_ROWS in the .cu file)
 
 
 # --------------------------------------------------------------------------
@@ -40,69 +39,88 @@ def _module(device_id, dtype):
         return {name: module.get_function(name) for name in names}
 
 
+@functools.lru_cache(maxsize=None)
+def _launcher(device_id, dtype):
+    return _Launcher(device_id, dtype)
+
+
 class _Launcher:
-    """The kernels of one element type on the current device, with their typed scalars."""
+    """The kernels of one element type on one device, launched with typed scalars.
 
-    def __init__(self, dtype):
-        self.dtype = np.dtype(dtype)
-        self.t, self.w = plan.CUDA_TYPES[self.dtype]
-        self.work = np.dtype(np.float64 if self.dtype == _F64 else np.float32)
-        self.kernels = _module(cupy.cuda.Device().id, self.dtype)
+    ``shape`` is the (A, C, B) view; ``channels`` the per-channel arguments
+    built by :func:`_channels`; ``act`` the (code, slope) of the activation.
+    """
 
-    def __call__(self, name, grid, block, *args):
-        self.kernels[name](grid, block, args)
+    def __init__(self, device_id, dtype):
+        self.t, _ = plan.CUDA_TYPES[dtype]
+        self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
+        self.kernels = _module(device_id, dtype)
 
-    def reduce(self, mode, x, dy, wp, mean, shape, act):
-        """Per-channel partial sums (statistics: mode 0; gradient: mode 1); returns (partials, per channel)."""
+    def _reduce(self, mode, x, dy, channels, shape, act):
+        """Per-channel partial sums (statistics: mode 0; gradient: mode 1): (partials, number per channel)."""
         A, C, B = shape
         p = plan.reduce_plan(A, C, B)
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
-        kind = "rows" if p.by_rows else "cols"
-        self(f"cbn_reduce_{kind}<{self.t}, {mode}>", p.grid, p.block, x, dy, wp, mean, *_i64(A, C, B, p.span),
-             np.int32(p.n_chunks), np.int32(act[0]), np.float64(act[1]), part)
-        return part, p.partials
+        kernel = self.kernels[f"cbn_reduce_{'rows' if p.by_rows else 'cols'}<{self.t}, {mode}>"]
+        kernel(p.grid, p.block, (x, dy, *channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks),
+                                 np.int32(act[0]), np.float64(act[1]), part))
+        return part, np.int64(p.partials)
 
-    def stats(self, x, shape, eps, gamma, beta):
-        """float64 (3, C) mean, var, invstd and the parameter rows of the normalization."""
+    def stats(self, x, shape, eps):
+        """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each."""
         A, C, B = shape
-        wp = cupy.empty(_P_ROWS * C, dtype=self.work)
-        part, n_part = self.reduce(0, x, x, wp, wp, shape, (0, 0.0))
-        stats = cupy.empty(3 * C, dtype=_F64)
-        self(f"cbn_finalize_stats<{self.t}>", *plan.finalize_grid(C), part, np.int64(n_part), x, *_i64(C, B),
-             np.float64(A * B), np.float64(eps), *_optional(gamma, stats), *_optional(beta, stats), stats, wp)
-        return stats.reshape(3, C), wp
+        part, n_part = self._reduce(0, x, x, _channels(None, None, False, 0.0, None, None, x), shape, _NO_ACT)
+        stats = cupy.empty((3, C), dtype=_F64)
+        out_w = cupy.empty((3, C), dtype=self.work)
+        self.kernels[f"cbn_finalize_stats<{self.t}>"](
+            *plan.finalize_grid(C), (part, n_part, x, *_i64(C, B), np.float64(A * B), np.float64(eps), stats, out_w)
+        )
+        return stats, out_w
 
-    def affine_params(self, mean, spread, is_invstd, eps, gamma, beta, C):
-        wp = cupy.empty(_P_ROWS * C, dtype=self.work)
-        self(f"cbn_affine_params<{self.w}>", *plan.per_channel_grid(C), mean, spread, np.int32(is_invstd),
-             np.float64(eps), *_optional(gamma, mean), *_optional(beta, mean), np.int64(C), wp)
-        return wp
-
-    def normalize(self, x, y, wp, shape, act):
+    def normalize(self, x, y, channels, shape, act):
         p = plan.elementwise_plan(*shape)
-        self(f"cbn_normalize<{self.t}>", p.grid, p.block, x, y, wp, *_i64(*shape, p.rows), np.int32(act[0]),
-             np.float64(act[1]))
+        self.kernels[f"cbn_normalize<{self.t}>"](
+            p.grid, p.block, (x, y, *channels, *_i64(*shape, p.rows), np.int32(act[0]), np.float64(act[1]))
+        )
 
-    def backward(self, dy, x, dx, wp, mean, invstd, gamma, shape, act):
-        """dx, and the float64 (2, C) sums of dz and dz * (x - mean)."""
+    def backward(self, dy, x, dx, channels, shape, act):
+        """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype."""
         A, C, B = shape
-        part, n_part = self.reduce(1, x, dy, wp, mean, shape, act)
-        sums = cupy.empty(2 * C, dtype=_F64)
-        self(f"cbn_finalize_grad<{self.w}>", *plan.finalize_grid(C), part, np.int64(n_part), np.int64(C),
-             np.float64(A * B), invstd, *_optional(gamma, invstd), sums, wp)
+        part, n_part = self._reduce(1, x, dy, channels, shape, act)
+        sums = cupy.empty((2, C), dtype=_F64)
+        out_w = cupy.empty((2, C), dtype=self.work)
+        invstd, invstd_t = channels[2], channels[3]
+        self.kernels[f"cbn_finalize_grad<{'double' if self.work == _F64 else 'float'}>"](
+            *plan.finalize_grid(C), (part, n_part, np.int64(C), invstd, invstd_t, sums, out_w)
+        )
         p = plan.elementwise_plan(*shape)
-        self(f"cbn_backward_elemt<{self.t}>", p.grid, p.block, dy, x, dx, wp, *_i64(*shape, p.rows),
-             np.int32(act[0]), np.float64(act[1]))
-        return sums.reshape(2, C)
+        self.kernels[f"cbn_backward_elemt<{self.t}>"](
+            p.grid, p.block,
+            (dy, x, dx, *channels, sums, np.float64(A * B), *_i64(*shape, p.rows), np.int32(act[0]),
+             np.float64(act[1])),
+        )
+        return sums, out_w
+
+
+_NO_ACT = (0, 0.0)
+_CHANNEL_TYPES = {np.dtype(np.float16): 1, np.dtype(np.float32): 2, np.dtype(np.float64): 3}  # CH_* of the .cu
+_ABSENT = np.int32(0)
 
 
 def _i64(*values):
     return tuple(np.int64(v) for v in values)
 
 
-def _optional(values, placeholder):
-    """(pointer, flag) of an optional per-channel array; the kernels read 1 or 0 for a missing one."""
-    return (placeholder, np.int32(0)) if values is None else (values, np.int32(1))
+def _channel(values, placeholder):
+    return (placeholder, _ABSENT) if values is None else (values, np.int32(_CHANNEL_TYPES[values.dtype]))
+
+
+def _channels(mean, spread, spread_is_var, eps, gamma, beta, placeholder):
+    """The kernels' per-channel arguments (CBN_CHANNEL_PARAMS); None entries read as the defaults."""
+    return (
+        *_channel(mean, placeholder), *_channel(spread, placeholder), np.int32(spread_is_var), np.float64(eps),
+        *_channel(gamma, placeholder), *_channel(beta, placeholder),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -137,13 +155,15 @@ def _check_dtype(arr, name):
 
 
 def _per_channel(value, name, cshape):
-    """A per-channel argument as a flat C-contiguous float64 CuPy array."""
+    """A per-channel argument as a C-contiguous float CuPy array (any float dtype: the kernels read each)."""
     if value is None:
         return None
     _check_dtype(value, name)
     if value.shape != cshape:
         raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
-    return cupy.ascontiguousarray(value, dtype=_F64).reshape(-1)
+    if value.dtype in _CHANNEL_TYPES:
+        return value if value.flags.c_contiguous else cupy.ascontiguousarray(value)
+    return cupy.ascontiguousarray(value, dtype=_F64)  # integers, bools
 
 
 def _running_stat(value, name, cshape):
@@ -216,6 +236,7 @@ class _Layout:
     def target(self, out, dtype, inputs):
         """Where a kernel writes a bulk result: ``out`` itself when it can, else a new array."""
         if out is not None and out.dtype == dtype and self.fits(out):
+            inputs = {id(a): a for a in inputs}.values()
             if all(_same_view(out, a) or not cupy.may_share_memory(out, a) for a in inputs):
                 return out
         if self.order is None:
@@ -236,13 +257,16 @@ def _same_view(a, b):
     return a.data.ptr == b.data.ptr and a.strides == b.strides and a.dtype == b.dtype
 
 
-def _deliver_channel(values, out, dtype, cshape):
-    """A float64 per-channel row as ``dtype`` (or into ``out``), shaped ``cshape``."""
-    values = values.reshape(cshape)
+def _deliver_channel(exact, rounded, out, cshape):
+    """A per-channel result: ``rounded`` (the work dtype) shaped ``cshape``, or ``exact`` (float64) into ``out``."""
     if out is None:
-        return values.astype(dtype, copy=False)
-    cupy.copyto(out, values, casting="same_kind")
+        return rounded.reshape(cshape)
+    cupy.copyto(out, exact.reshape(cshape), casting="same_kind")
     return out
+
+
+def _launcher_for(dtype):
+    return _launcher(cupy.cuda.runtime.getDevice(), dtype)
 
 
 # --------------------------------------------------------------------------
@@ -278,20 +302,21 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
         layout = _Layout([x], axes)
         xk = layout.input(x, result)
         y = layout.target(out_y, result, [x, xk])
+        C = math.prod(cshape)
         if x.size == 0:
-            stats = cupy.zeros((3, math.prod(cshape)), dtype=_F64)
+            stats, stats_w = cupy.zeros((3, C), dtype=_F64), cupy.zeros((3, C), dtype=work)
         else:
-            k = _Launcher(result)
-            stats, wp = k.stats(xk, layout.view, eps, gamma, beta)
-            k.normalize(xk, y, wp, layout.view, act)
+            k = _launcher_for(result)
+            stats, stats_w = k.stats(xk, layout.view, eps)
+            k.normalize(xk, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, xk), layout.view, act)
         if running_mean is not None:
-            mean, unbiased = stats[0].reshape(cshape), stats[1].reshape(cshape) * (count / (count - 1))
+            mean, unbiased = stats[0].reshape(cshape), stats[2].reshape(cshape) * (count / (count - 1))
             for running, batch in ((running_mean, mean), (running_var, unbiased)):  # as cbn._compute.update_running
                 cupy.copyto(running, (1.0 - momentum) * running.astype(_F64) + momentum * batch, casting="same_kind")
         return (
             layout.deliver(y, out_y),
-            _deliver_channel(stats[0], out_mean, work, cshape),
-            _deliver_channel(stats[2], out_invstd, work, cshape),
+            _deliver_channel(stats[0], stats_w[0], out_mean, cshape),
+            _deliver_channel(stats[1], stats_w[1], out_invstd, cshape),
         )
 
 
@@ -317,9 +342,7 @@ def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_
         xk = layout.input(x, result)
         y = layout.target(out_y, result, [x, xk])
         if x.size:
-            k = _Launcher(result)
-            wp = k.affine_params(mean, var, False, eps, gamma, beta, math.prod(cshape))
-            k.normalize(xk, y, wp, layout.view, act)
+            _launcher_for(result).normalize(xk, y, _channels(mean, var, True, eps, gamma, beta, xk), layout.view, act)
         return layout.deliver(y, out_y)
 
 
@@ -353,15 +376,15 @@ def backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs, labels):
         dx = layout.target(out_dx, result, [dy, x, dyk, xk])
         C = math.prod(cshape)
         if x.size == 0:
-            sums = cupy.zeros((2, C), dtype=_F64)
+            sums, grads_w = cupy.zeros((2, C), dtype=_F64), cupy.zeros((2, C), dtype=work)
         else:
-            k = _Launcher(result)
-            wp = k.affine_params(mean, invstd, True, 0.0, gamma, beta, C)
-            sums = k.backward(dyk, xk, dx, wp, mean, invstd, gamma, layout.view, act)
+            channels = _channels(mean, invstd, False, 0.0, gamma, beta, xk)
+            sums, grads_w = _launcher_for(result).backward(dyk, xk, dx, channels, layout.view, act)
+        dgamma = grads_w[0] if out_dgamma is None else sums[1] * invstd.reshape(-1).astype(_F64)
         return (
             layout.deliver(dx, out_dx),
-            _deliver_channel(sums[1] * invstd, out_dgamma, work, cshape),
-            _deliver_channel(sums[0], out_dbeta, work, cshape),
+            _deliver_channel(dgamma, grads_w[0], out_dgamma, cshape),
+            _deliver_channel(sums[0], grads_w[1], out_dbeta, cshape),
         )
 
 
@@ -381,8 +404,8 @@ def batch_stats(x, channel_axis):
         if x.size == 0:  # no channels
             return cupy.empty(cshape, dtype=work), cupy.empty(cshape, dtype=work)
         layout = _Layout([x], axes)
-        stats, _ = _Launcher(result).stats(layout.input(x, result), layout.view, 0.0, None, None)
-        return _deliver_channel(stats[0], None, work, cshape), _deliver_channel(stats[1], None, work, cshape)
+        _, stats_w = _launcher_for(result).stats(layout.input(x, result), layout.view, 0.0)
+        return stats_w[0].reshape(cshape), stats_w[2].reshape(cshape)
 
 
 def device_info():

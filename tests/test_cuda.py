@@ -129,7 +129,7 @@ def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape):
 def test_name_expressions_cover_each_dtype():
     for dtype in DTYPES:
         names = plan.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 9
+        assert len(names) == len(set(names)) == 8
     with pytest.raises(KeyError):
         plan.name_expressions(np.int32)
 

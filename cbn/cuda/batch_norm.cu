@@ -12,18 +12,20 @@
 // float64 accuracy; partial sums are combined in a fixed order (bitwise
 // reproducible).
 //
-// Per-channel parameter rows of W, C values each (P_*): the mean split in
-// two (mu_hi, mu_lo: x - mu_hi is exact for x near the mean, so large
-// offsets cost nothing and a constant channel gives exactly the shift),
-// then scale and shift of the normalization, then the backward's
-// dy_mean, c_xmu and k_dy.  The same formulas as the CPU kernels
-// (src_c/cbn_loops_t.h).
+// Per-channel inputs (mean, var or invstd, gamma, beta) come as a pointer and
+// a type code (CH_*: float16, float32, float64, or absent: the default), so
+// any float dtype is read without a conversion on the host.  Each thread
+// derives its channel's parameters once, in double, then works in W: the
+// mean split in two (mu_hi, mu_lo: x - mu_hi is exact for x near the mean,
+// so large offsets cost nothing and a constant channel gives exactly the
+// shift), scale = gamma * invstd, shift = beta.  The same formulas as the CPU
+// kernels (src_c/cbn_loops_t.h).
 
 struct cbn_half {
     unsigned short bits;
 };
 
-enum { P_MU_HI, P_MU_LO, P_SCALE, P_SHIFT, P_DY_MEAN, P_C_XMU, P_K_DY, P_ROWS };
+enum { CH_ABSENT, CH_HALF, CH_FLOAT, CH_DOUBLE };  // per-channel type codes of cbn/_gpu.py
 enum { ACT_NONE, ACT_RELU, ACT_LEAKY_RELU, ACT_SIGMOID, ACT_TANH };  // codes of cbn/_args.py
 
 __device__ __forceinline__ long long cbn_min(long long a, long long b) { return a < b ? a : b; }
@@ -84,14 +86,69 @@ template <typename W> __device__ __forceinline__ W cbn_activation_grad(W dy, W z
     }
 }
 
+// Value c of a per-channel input, or ``missing`` when it is absent.
+__device__ __forceinline__ double cbn_channel(const void *p, int type, long long c, double missing)
+{
+    switch (type) {
+    case CH_HALF: return (double)cbn_load((const cbn_half *)p + c);
+    case CH_FLOAT: return (double)((const float *)p)[c];
+    case CH_DOUBLE: return ((const double *)p)[c];
+    default: return missing;
+    }
+}
+
+// The per-channel inputs of a kernel: mean, spread (invstd, or var when spread_is_var), gamma, beta.
+struct cbn_channels {
+    const void *mean, *spread, *gamma, *beta;
+    int mean_t, spread_t, gamma_t, beta_t, spread_is_var;
+    double eps;
+
+    __device__ __forceinline__ double mean_at(long long c) const { return cbn_channel(mean, mean_t, c, 0.0); }
+    __device__ __forceinline__ double invstd_at(long long c) const
+    {
+        double s = cbn_channel(spread, spread_t, c, 1.0);
+        return spread_is_var ? 1.0 / sqrt(s + eps) : s;
+    }
+    __device__ __forceinline__ double gamma_at(long long c) const { return cbn_channel(gamma, gamma_t, c, 1.0); }
+    __device__ __forceinline__ double beta_at(long long c) const { return cbn_channel(beta, beta_t, c, 0.0); }
+};
+
+#define CBN_CHANNEL_PARAMS                                                                                          \
+    const void *mean, int mean_t, const void *spread, int spread_t, int spread_is_var, double eps,                 \
+        const void *gamma, int gamma_t, const void *beta, int beta_t
+#define CBN_CHANNEL_ARGS {mean, spread, gamma, beta, mean_t, spread_t, gamma_t, beta_t, spread_is_var, eps}
+
+// y's parameters for channel c: z = ((x - mu_hi) - mu_lo) * scale + shift.
+template <typename W> struct cbn_affine {
+    W mu_hi, mu_lo, scale, shift;
+
+    __device__ __forceinline__ cbn_affine(const cbn_channels &ch, long long c)
+    {
+        const double mean = ch.mean_at(c);
+        mu_hi = (W)mean;
+        mu_lo = (W)(mean - (double)mu_hi);
+        scale = (W)(ch.gamma_at(c) * ch.invstd_at(c));
+        shift = (W)ch.beta_at(c);
+    }
+    __device__ __forceinline__ W centred(W v) const { return (v - mu_hi) - mu_lo; }
+};
+
 // One element's contribution (s1, s2) to a channel's sums.
-// MODE 0, statistics: d = x - pivot, (d, d*d), the pivot a value of the channel.
+// MODE 0, statistics: d = x - pivot, (d, d*d), the pivot the channel's first value.
 // MODE 1, gradient: dz = dy * act'(z), (dz, dz * (x - mean)).
 template <typename T, int MODE> struct cbn_term {
     typedef typename cbn_work<T>::type W;
     double pivot;  // MODE 0: the pivot; MODE 1: the mean
-    W mu_hi, mu_lo, scale, shift, slope;
+    cbn_affine<W> affine;
+    W slope;
     int act;
+
+    __device__ __forceinline__ cbn_term(const T *x, const cbn_channels &ch, long long c, long long B, int act_,
+                                        double slope_)
+        : affine(ch, c), slope((W)slope_), act(act_)
+    {
+        pivot = MODE == 0 ? (double)cbn_load(x + c * B) : ch.mean_at(c);  // x + c * B: row 0, b 0 of channel c
+    }
 
     __device__ __forceinline__ void add(const T *x, const T *dy, long long i, double &s1, double &s2) const
     {
@@ -103,34 +160,12 @@ template <typename T, int MODE> struct cbn_term {
         } else {
             W g = cbn_load(dy + i);
             if (act != ACT_NONE)
-                g = cbn_activation_grad(g, ((v - mu_hi) - mu_lo) * scale + shift, act, slope);
+                g = cbn_activation_grad(g, affine.centred(v) * affine.scale + affine.shift, act, slope);
             s1 += (double)g;
             s2 += (double)g * ((double)v - pivot);
         }
     }
 };
-
-template <typename T, int MODE>
-__device__ __forceinline__ cbn_term<T, MODE> cbn_make_term(const T *x, const typename cbn_work<T>::type *wp,
-                                                           const double *mean, long long c, long long C,
-                                                           long long B, int act, double slope)
-{
-    typedef typename cbn_work<T>::type W;
-    cbn_term<T, MODE> t;
-    t.act = act;
-    t.slope = (W)slope;
-    if (MODE == 0) {
-        t.pivot = (double)cbn_load(x + c * B);  // first value of the channel (row 0, b 0)
-        t.mu_hi = t.mu_lo = t.scale = t.shift = W(0);
-    } else {
-        t.pivot = mean[c];
-        t.mu_hi = wp[P_MU_HI * C + c];
-        t.mu_lo = wp[P_MU_LO * C + c];
-        t.scale = wp[P_SCALE * C + c];
-        t.shift = wp[P_SHIFT * C + c];
-    }
-    return t;
-}
 
 // Sum (s1, s2) over a 1-D block of whole warps, in a fixed order; the result is in thread 0.
 __device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
@@ -161,14 +196,14 @@ __device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
 // channel (index j = a * B + b) into part[c * n_chunks + k].
 // Grid: C * n_chunks blocks of whole warps.
 template <typename T, int MODE>
-__global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy,
-                                const typename cbn_work<T>::type *__restrict__ wp, const double *__restrict__ mean,
-                                long long A, long long C, long long B, long long chunk, int n_chunks, int act,
-                                double slope, double *__restrict__ part)
+__global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
+                                long long C, long long B, long long chunk, int n_chunks, int act, double slope,
+                                double *__restrict__ part)
 {
     const long long c = blockIdx.x / n_chunks;
     const long long k = blockIdx.x - c * n_chunks;
-    const cbn_term<T, MODE> term = cbn_make_term<T, MODE>(x, wp, mean, c, C, B, act, slope);
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
     const long long Q = C * B, end = cbn_min(A * B, (k + 1) * chunk), step = blockDim.x;
     const T *xc = x + c * B, *dyc = MODE == 1 ? dy + c * B : dy;
     // (a, b) of index j, advanced by step without a division per value
@@ -214,10 +249,9 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
 // k goes to partial (b * n_chunks + k) of channel c.
 // Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
 template <typename T, int MODE>
-__global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy,
-                                const typename cbn_work<T>::type *__restrict__ wp, const double *__restrict__ mean,
-                                long long A, long long C, long long B, long long rows, int n_chunks, int act,
-                                double slope, double *__restrict__ part)
+__global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
+                                long long C, long long B, long long rows, int n_chunks, int act, double slope,
+                                double *__restrict__ part)
 {
     __shared__ double shared[2][8][33];
     const long long Q = C * B;
@@ -226,7 +260,8 @@ __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ d
     const long long c = active ? q / B : 0, b = q - c * B;
     double s1 = 0.0, s2 = 0.0;
     if (active) {
-        const cbn_term<T, MODE> term = cbn_make_term<T, MODE>(x, wp, mean, c, C, B, act, slope);
+        const cbn_channels ch = CBN_CHANNEL_ARGS;
+        const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
         const long long end = cbn_min(A, (blockIdx.y + 1) * rows);
         long long r = blockIdx.y * rows + threadIdx.y;
         for (; r + 24 < end; r += 32) {
@@ -267,14 +302,13 @@ __device__ __forceinline__ void cbn_warp_sum_partials(const double *part, long l
     }
 }
 
-// Statistics from the partial sums of cbn_reduce_* (MODE 0), one warp per channel:
-// stats rows (mean, biased var, invstd) in double and parameter rows
-// mu_hi, mu_lo, scale = gamma * invstd, shift = beta.
+// Statistics from the partial sums of cbn_reduce_* (MODE 0), one warp per
+// channel: stats rows (mean, invstd, biased var) in double, and the same
+// in W (out_w rows), what the API returns.
 template <typename T>
 __global__ void cbn_finalize_stats(const double *__restrict__ part, long long n_part, const T *__restrict__ x,
-                                   long long C, long long B, double count, double eps,
-                                   const double *__restrict__ gamma, int has_gamma, const double *__restrict__ beta,
-                                   int has_beta, double *__restrict__ stats, typename cbn_work<T>::type *__restrict__ wp)
+                                   long long C, long long B, double count, double eps, double *__restrict__ stats,
+                                   typename cbn_work<T>::type *__restrict__ out_w)
 {
     typedef typename cbn_work<T>::type W;
     const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
@@ -290,22 +324,20 @@ __global__ void cbn_finalize_stats(const double *__restrict__ part, long long n_
     const double var = fmax((s2 - s1 * d) / count, 0.0);
     const double invstd = 1.0 / sqrt(var + eps);
     stats[c] = mean;
-    stats[C + c] = var;
-    stats[2 * C + c] = invstd;
-    const W mu_hi = (W)mean;
-    wp[P_MU_HI * C + c] = mu_hi;
-    wp[P_MU_LO * C + c] = (W)(mean - (double)mu_hi);
-    wp[P_SCALE * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * invstd);
-    wp[P_SHIFT * C + c] = (W)(has_beta ? beta[c] : 0.0);
+    stats[C + c] = invstd;
+    stats[2 * C + c] = var;
+    out_w[c] = (W)mean;
+    out_w[C + c] = (W)invstd;
+    out_w[2 * C + c] = (W)var;
 }
 
 // The backward's sums (MODE 1 partials), one warp per channel: sums rows
-// (sum dz, sum dz * (x - mean)) in double and parameter rows
-// dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd.
+// (sum dz, sum dz * (x - mean)) in double, and dgamma = sum_dz_xmu * invstd,
+// dbeta = sum_dz in W (out_w rows).
 template <typename W>
-__global__ void cbn_finalize_grad(const double *__restrict__ part, long long n_part, long long C, double count,
-                                  const double *__restrict__ invstd, const double *__restrict__ gamma, int has_gamma,
-                                  double *__restrict__ sums, W *__restrict__ wp)
+__global__ void cbn_finalize_grad(const double *__restrict__ part, long long n_part, long long C,
+                                  const void *__restrict__ invstd, int invstd_t, double *__restrict__ sums,
+                                  W *__restrict__ out_w)
 {
     const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -315,48 +347,27 @@ __global__ void cbn_finalize_grad(const double *__restrict__ part, long long n_p
     cbn_warp_sum_partials(part + 2 * c * n_part, n_part, lane, s1, s2);
     if (lane != 0)
         return;
-    const double is = invstd[c];
     sums[c] = s1;
     sums[C + c] = s2;
-    wp[P_DY_MEAN * C + c] = (W)(s1 / count);
-    wp[P_C_XMU * C + c] = (W)(is * is * s2 / count);
-    wp[P_K_DY * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * is);
-}
-
-// Parameter rows mu_hi, mu_lo, scale, shift from given statistics, one thread
-// per channel: spread is the variance (inference: invstd = 1 / sqrt(var + eps))
-// or, with is_invstd, invstd itself (the backward).
-template <typename W>
-__global__ void cbn_affine_params(const double *__restrict__ mean, const double *__restrict__ spread, int is_invstd,
-                                  double eps, const double *__restrict__ gamma, int has_gamma,
-                                  const double *__restrict__ beta, int has_beta, long long C, W *__restrict__ wp)
-{
-    const long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C)
-        return;
-    const double invstd = is_invstd ? spread[c] : 1.0 / sqrt(spread[c] + eps);
-    const W mu_hi = (W)mean[c];
-    wp[P_MU_HI * C + c] = mu_hi;
-    wp[P_MU_LO * C + c] = (W)(mean[c] - (double)mu_hi);
-    wp[P_SCALE * C + c] = (W)((has_gamma ? gamma[c] : 1.0) * invstd);
-    wp[P_SHIFT * C + c] = (W)(has_beta ? beta[c] : 0.0);
+    out_w[c] = (W)(s2 * cbn_channel(invstd, invstd_t, c, 1.0));
+    out_w[C + c] = (W)s1;
 }
 
 // y = act(((x - mu_hi) - mu_lo) * scale + shift).  Thread (tx, ty) of block
 // (bx, by) handles column q = bx * blockDim.x + tx, rows by * rows + ty + k *
 // blockDim.y: one channel per thread, coalesced along q.  y may be x.
 template <typename T>
-__global__ void cbn_normalize(const T *x, T *y, const typename cbn_work<T>::type *__restrict__ wp, long long A,
-                              long long C, long long B, long long rows, int act, double slope)
+__global__ void cbn_normalize(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B,
+                              long long rows, int act, double slope)
 {
     typedef typename cbn_work<T>::type W;
     const long long Q = C * B;
     const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (q >= Q)
         return;
-    const long long c = q / B;
-    const W mu_hi = wp[P_MU_HI * C + c], mu_lo = wp[P_MU_LO * C + c];
-    const W scale = wp[P_SCALE * C + c], shift = wp[P_SHIFT * C + c], w_slope = (W)slope;
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    const cbn_affine<W> p(ch, q / B);
+    const W w_slope = (W)slope;
     const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
     long long r = blockIdx.y * rows + threadIdx.y;
     for (; r + 3 * step < end; r += 4 * step) {  // four loads in flight, then four stores
@@ -366,19 +377,19 @@ __global__ void cbn_normalize(const T *x, T *y, const typename cbn_work<T>::type
             v[u] = cbn_load(x + (r + u * step) * Q + q);
 #pragma unroll
         for (int u = 0; u < 4; u++)
-            cbn_store(y + (r + u * step) * Q + q, cbn_activate(((v[u] - mu_hi) - mu_lo) * scale + shift, act, w_slope));
+            cbn_store(y + (r + u * step) * Q + q, cbn_activate(p.centred(v[u]) * p.scale + p.shift, act, w_slope));
     }
-    for (; r < end; r += step) {
-        W v = cbn_load(x + r * Q + q);
-        cbn_store(y + r * Q + q, cbn_activate(((v - mu_hi) - mu_lo) * scale + shift, act, w_slope));
-    }
+    for (; r < end; r += step)
+        cbn_store(y + r * Q + q, cbn_activate(p.centred(cbn_load(x + r * Q + q)) * p.scale + p.shift, act, w_slope));
 }
 
 // dx = ((dz - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy with dz = dy * act'(z), z recomputed
-// from x.  Launched like cbn_normalize; dx may be dy or x.
+// from x, dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd (sums from
+// cbn_finalize_grad).  Launched like cbn_normalize; dx may be dy or x.
 template <typename T>
-__global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, const typename cbn_work<T>::type *__restrict__ wp,
-                                   long long A, long long C, long long B, long long rows, int act, double slope)
+__global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS,
+                                   const double *__restrict__ sums, double count, long long A, long long C,
+                                   long long B, long long rows, int act, double slope)
 {
     typedef typename cbn_work<T>::type W;
     const long long Q = C * B;
@@ -386,26 +397,28 @@ __global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, const typenam
     if (q >= Q)
         return;
     const long long c = q / B;
-    const W mu_hi = wp[P_MU_HI * C + c], mu_lo = wp[P_MU_LO * C + c];
-    const W scale = wp[P_SCALE * C + c], shift = wp[P_SHIFT * C + c], w_slope = (W)slope;
-    const W dy_mean = wp[P_DY_MEAN * C + c], c_xmu = wp[P_C_XMU * C + c], k_dy = wp[P_K_DY * C + c];
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    const cbn_affine<W> p(ch, c);
+    const double invstd = ch.invstd_at(c);
+    const W dy_mean = (W)(sums[c] / count), c_xmu = (W)(invstd * invstd * sums[C + c] / count);
+    const W k_dy = (W)(ch.gamma_at(c) * invstd), w_slope = (W)slope;
     const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
     long long r = blockIdx.y * rows + threadIdx.y;
     for (; r < end; r += 2 * step) {  // two rows' loads in flight
         W g[2], xm[2];
-        bool has[2] = {true, r + step < end};
+        const bool has[2] = {true, r + step < end};
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             if (has[u]) {
                 const long long i = (r + u * step) * Q + q;
                 g[u] = cbn_load(dy + i);
-                xm[u] = (cbn_load(x + i) - mu_hi) - mu_lo;
+                xm[u] = p.centred(cbn_load(x + i));
             }
         }
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             if (has[u]) {
-                W dz = act == ACT_NONE ? g[u] : cbn_activation_grad(g[u], xm[u] * scale + shift, act, w_slope);
+                W dz = act == ACT_NONE ? g[u] : cbn_activation_grad(g[u], xm[u] * p.scale + p.shift, act, w_slope);
                 cbn_store(dx + (r + u * step) * Q + q, ((dz - dy_mean) - xm[u] * c_xmu) * k_dy);
             }
         }
