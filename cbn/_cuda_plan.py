@@ -15,6 +15,7 @@ REDUCE_BLOCKS = 2048  # blocks a reduction aims for: a few waves on any current 
 ELEMENTWISE_BLOCKS = 4096
 ROWS_MIN_RUN = 32  # channels whose values come in runs at least this long are reduced by rows
 MIN_PER_THREAD = 4  # values per thread below which a reduction stops splitting a channel
+ROWS_PER_THREAD = 8  # cbn_normalize's batch of loads in flight per thread
 COLS_BLOCK = (32, 8)  # cbn_reduce_cols' block shape (fixed in the kernel)
 
 # element type of the kernels -> (C++ name of T, C++ name of its work type W)
@@ -86,7 +87,7 @@ def elementwise_plan(A, C, B):
     tiles = math.ceil(Q / width)
     n_chunks = max(1, min(math.ceil(ELEMENTWISE_BLOCKS / tiles), math.ceil(A / height)))
     rows = math.ceil(A / n_chunks)
-    rows = math.ceil(rows / height) * height  # whole thread rows per block
+    rows = max(ROWS_PER_THREAD, math.ceil(rows / height)) * height  # whole thread rows, a full batch of loads
     return ElementwisePlan((tiles, math.ceil(A / rows)), (width, height), rows)
 
 

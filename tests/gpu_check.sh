@@ -27,6 +27,8 @@ fi
     | tee "$out/tests.txt"
 tests=${PIPESTATUS[0]}
 
+(cd /tmp && timeout 120 $py "$OLDPWD/tests/gpu_profile.py") 2>&1 | tee "$out/profile.txt"
+
 (cd /tmp && timeout 240 $py -m cbn bench --device gpu --json "$out/bench.json") 2>&1 | tee "$out/bench.txt"
 bench=${PIPESTATUS[0]}
 echo "tests exit $tests, bench exit $bench"

@@ -370,13 +370,13 @@ __global__ void cbn_normalize(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A,
     const W w_slope = (W)slope;
     const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
     long long r = blockIdx.y * rows + threadIdx.y;
-    for (; r + 3 * step < end; r += 4 * step) {  // four loads in flight, then four stores
-        W v[4];
+    for (; r + 7 * step < end; r += 8 * step) {  // eight loads in flight, then eight stores
+        W v[8];
 #pragma unroll
-        for (int u = 0; u < 4; u++)
+        for (int u = 0; u < 8; u++)
             v[u] = cbn_load(x + (r + u * step) * Q + q);
 #pragma unroll
-        for (int u = 0; u < 4; u++)
+        for (int u = 0; u < 8; u++)
             cbn_store(y + (r + u * step) * Q + q, cbn_activate(p.centred(v[u]) * p.scale + p.shift, act, w_slope));
     }
     for (; r < end; r += step)
@@ -404,11 +404,12 @@ __global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_P
     const W k_dy = (W)(ch.gamma_at(c) * invstd), w_slope = (W)slope;
     const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
     long long r = blockIdx.y * rows + threadIdx.y;
-    for (; r < end; r += 2 * step) {  // two rows' loads in flight
-        W g[2], xm[2];
-        const bool has[2] = {true, r + step < end};
+    for (; r < end; r += 4 * step) {  // four rows' loads in flight
+        W g[4], xm[4];
+        bool has[4];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < 4; u++) {
+            has[u] = r + u * step < end;
             if (has[u]) {
                 const long long i = (r + u * step) * Q + q;
                 g[u] = cbn_load(dy + i);
@@ -416,7 +417,7 @@ __global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_P
             }
         }
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
+        for (int u = 0; u < 4; u++) {
             if (has[u]) {
                 W dz = act == ACT_NONE ? g[u] : cbn_activation_grad(g[u], xm[u] * p.scale + p.shift, act, w_slope);
                 cbn_store(dx + (r + u * step) * Q + q, ((dz - dy_mean) - xm[u] * c_xmu) * k_dy);

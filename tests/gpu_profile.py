@@ -1,0 +1,90 @@
+"""Where the GPU path's time goes (a diagnostic for tests/gpu_check.sh, not a test).
+
+Prints each kernel's device time for the default benchmark cases (float32),
+the same under other launch-shape constants, and the host's per-call profile
+of a small training forward.
+"""
+import cProfile
+import io
+import pstats
+
+import cupy
+import numpy as np
+
+import cbn
+from cbn import _bench_gpu, _gpu
+from cbn import _cuda_plan as plan
+from cbn._bench import DEFAULT_CASES
+
+F32 = np.dtype(np.float32)
+timer = _bench_gpu._Timer(cupy, 7)
+
+
+def us(func):
+    return timer(func)[1] * 1e6
+
+
+def kernel_times(x, axis, dtype=F32):
+    layout = _gpu._Layout([x], (axis % x.ndim,))
+    k = _gpu._launcher_for(dtype)
+    view = layout.view
+    none = _gpu._channels(None, None, False, 0.0, None, None, x)
+    stats, _ = k.stats(x, view, 1e-5)
+    ch = _gpu._channels(stats[0], stats[1], False, 0.0, None, None, x)
+    y, dy, dx = cupy.empty_like(x), cupy.ones_like(x), cupy.empty_like(x)
+    return {
+        "reduce0": us(lambda: k._reduce(0, x, x, none, view, (0, 0.0))),
+        "stats": us(lambda: k.stats(x, view, 1e-5)),
+        "normalize": us(lambda: k.normalize(x, y, ch, view, (0, 0.0))),
+        "reduce1": us(lambda: k._reduce(1, x, dy, ch, view, (0, 0.0))),
+        "backward": us(lambda: k.backward(dy, x, dx, ch, view, (0, 0.0))),
+    }
+
+
+def clear_plans():
+    plan.reduce_plan.cache_clear()
+    plan.elementwise_plan.cache_clear()
+
+
+rng = cupy.random.default_rng(0)
+print("device us per kernel group, float32 (copy = device-to-device copy of x)")
+cases = [c for c in DEFAULT_CASES if np.prod(c[1]) * 4 < 100e6]
+for name, shape, axis in cases:
+    x = rng.standard_normal(shape, dtype=np.float32)
+    dst = cupy.empty_like(x)
+    copy = us(lambda: dst.data.copy_from_device_async(x.data, x.nbytes))
+    layout = _gpu._Layout([x], (axis % x.ndim,))
+    print(f"{name:22} view {layout.view} copy {copy:6.1f}  "
+          + "  ".join(f"{k} {v:6.1f}" for k, v in kernel_times(x, axis).items()))
+    for blocks in (512, 1024, 4096, 8192):
+        plan.REDUCE_BLOCKS = blocks
+        clear_plans()
+        t = kernel_times(x, axis)
+        print(f"    REDUCE_BLOCKS {blocks:5}: reduce0 {t['reduce0']:6.1f} reduce1 {t['reduce1']:6.1f}")
+    plan.REDUCE_BLOCKS = 2048
+    for blocks, rows in ((1024, 8), (4096, 4), (8192, 8), (16384, 8)):
+        plan.ELEMENTWISE_BLOCKS, plan.ROWS_PER_THREAD = blocks, rows
+        clear_plans()
+        t = kernel_times(x, axis)
+        print(f"    ELEMENTWISE_BLOCKS {blocks:5} rows/thread {rows}: normalize {t['normalize']:6.1f}")
+    plan.ELEMENTWISE_BLOCKS, plan.ROWS_PER_THREAD = 4096, 8
+    clear_plans()
+
+x = rng.standard_normal((64, 128), dtype=np.float32)
+y = cupy.empty_like(x)
+rm, rv = cupy.zeros(128), cupy.ones(128)
+for label, call in [
+    ("train", lambda: cbn.batch_norm_forward(x, out=(y, None, None))),
+    ("infer", lambda: cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False, out=y)),
+]:
+    call()
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(2000):
+        call()
+    profile.disable()
+    cupy.cuda.Device().synchronize()
+    text = io.StringIO()
+    pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(22)
+    print(f"host profile, 2000 x {label} 64x128 float32")
+    print("\n".join(line for line in text.getvalue().splitlines()[6:] if line.strip()))
