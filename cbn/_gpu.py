@@ -56,26 +56,22 @@ class _Launcher:
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
 
-    def _reduce(self, mode, x, dy, channels, shape, act):
-        """Per-channel partial sums (statistics: mode 0; gradient: mode 1): (partials, number per channel)."""
+    def _reduce(self, mode, x, dy, channels, shape, act, rows):
+        """Per-channel results of a reduction (statistics: mode 0; gradient: mode 1), in float64 and the work
+        dtype, each of shape (rows, C); see cbn_finish in the .cu file."""
         A, C, B = shape
         p = plan.reduce_plan(A, C, B)
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
+        counter = cupy.zeros(C, dtype=np.uint32)
+        out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
         kernel = self.kernels[f"cbn_reduce_{'rows' if p.by_rows else 'cols'}<{self.t}, {mode}>"]
         kernel(p.grid, p.block, (x, dy, *channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks),
-                                 np.int32(act[0]), np.float64(act[1]), part))
-        return part, np.int64(p.partials)
+                                 np.int32(act[0]), np.float64(act[1]), part, counter, np.float64(A * B), out, out_w))
+        return out, out_w
 
     def stats(self, x, shape, eps):
         """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each."""
-        A, C, B = shape
-        part, n_part = self._reduce(0, x, x, _channels(None, None, False, 0.0, None, None, x), shape, _NO_ACT)
-        stats = cupy.empty((3, C), dtype=_F64)
-        out_w = cupy.empty((3, C), dtype=self.work)
-        self.kernels[f"cbn_finalize_stats<{self.t}>"](
-            *plan.finalize_grid(C), (part, n_part, x, *_i64(C, B), np.float64(A * B), np.float64(eps), stats, out_w)
-        )
-        return stats, out_w
+        return self._reduce(0, x, x, _channels(None, None, False, eps, None, None, x), shape, _NO_ACT, 3)
 
     def normalize(self, x, y, channels, shape, act):
         p = plan.elementwise_plan(*shape)
@@ -85,18 +81,11 @@ class _Launcher:
 
     def backward(self, dy, x, dx, channels, shape, act):
         """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype."""
-        A, C, B = shape
-        part, n_part = self._reduce(1, x, dy, channels, shape, act)
-        sums = cupy.empty((2, C), dtype=_F64)
-        out_w = cupy.empty((2, C), dtype=self.work)
-        invstd, invstd_t = channels[2], channels[3]
-        self.kernels[f"cbn_finalize_grad<{'double' if self.work == _F64 else 'float'}>"](
-            *plan.finalize_grid(C), (part, n_part, np.int64(C), invstd, invstd_t, sums, out_w)
-        )
+        sums, out_w = self._reduce(1, x, dy, channels, shape, act, 2)
         p = plan.elementwise_plan(*shape)
         self.kernels[f"cbn_backward_elemt<{self.t}>"](
             p.grid, p.block,
-            (dy, x, dx, *channels, sums, np.float64(A * B), *_i64(*shape, p.rows), np.int32(act[0]),
+            (dy, x, dx, *channels, sums, np.float64(shape[0] * shape[2]), *_i64(*shape, p.rows), np.int32(act[0]),
              np.float64(act[1])),
         )
         return sums, out_w

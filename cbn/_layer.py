@@ -4,7 +4,7 @@ import operator
 import numpy as np
 
 from . import _args
-from ._api import batch_norm, batch_norm_backward, batch_norm_forward
+from ._api import _on_gpu, batch_norm, batch_norm_backward, batch_norm_forward
 from .reference import activation_derivative
 
 
@@ -118,7 +118,14 @@ class BatchNorm:
     # -- forward and backward ---------------------------------------------
 
     def forward(self, x):
-        """Normalize ``x``; remember what :meth:`backward` needs."""
+        """Normalize ``x``; remember what :meth:`backward` needs.
+
+        The parameters and running statistics follow the input: a CuPy ``x``
+        moves them to the GPU (once), a NumPy one back to the host.
+        """
+        xp = _module_of(x)
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            setattr(self, name, _to_module(getattr(self, name), xp))
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             momentum = 0.0
@@ -128,7 +135,7 @@ class BatchNorm:
                 batches += 1
                 momentum = 1.0 / batches if self.momentum is None else self.momentum
                 running = dict(running_mean=self.running_mean, running_var=self.running_var)
-            mean, invstd = np.empty(self.channel_shape), np.empty(self.channel_shape)
+            mean, invstd = xp.empty(self.channel_shape), xp.empty(self.channel_shape)
             y, _, _ = batch_norm_forward(
                 x, self.weight, self.bias, momentum=momentum, eps=self.eps, channel_axis=self.channel_axis,
                 activation=self.activation, negative_slope=self.negative_slope, out=(None, mean, invstd), **running,
@@ -142,7 +149,7 @@ class BatchNorm:
             )
             mean = self.running_mean.astype(np.float64)
             with np.errstate(divide="ignore"):
-                invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+                invstd = 1.0 / xp.sqrt(self.running_var.astype(np.float64) + self.eps)
         self._saved = (x, mean, invstd, use_batch_stats)
         return y
 
@@ -195,13 +202,33 @@ class BatchNorm:
             raise KeyError(f"state keys do not match: missing {missing}, unexpected {unexpected}")
         for name in ("weight", "bias", "running_mean", "running_var"):
             if name in state:
-                value = np.asarray(state[name])
+                current = getattr(self, name)  # the loaded value stays where the layer's arrays are
+                xp = _module_of(current)
+                value = state[name] if isinstance(state[name], xp.ndarray) else _to_module(state[name], xp)
                 if value.shape != self.channel_shape:
                     raise ValueError(f"{name} must have shape {self.channel_shape}, got {value.shape}")
                 setattr(self, name, value.astype(self.dtype, copy=True))
         if "num_batches_tracked" in state:
-            self.num_batches_tracked = int(np.asarray(state["num_batches_tracked"]))
+            self.num_batches_tracked = int(state["num_batches_tracked"])
         return self
+
+
+def _module_of(array):
+    """cupy for a CuPy array (imported only then), numpy otherwise."""
+    if _on_gpu(array):
+        import cupy
+
+        return cupy
+    return np
+
+
+def _to_module(value, xp):
+    """``value`` (None, array_like, NumPy or CuPy array) as an array of module ``xp``."""
+    if value is None or type(value) is xp.ndarray:
+        return value
+    if xp is np:
+        return value.get() if _on_gpu(value) else np.asarray(value)
+    return xp.asarray(value)
 
 
 def _feature_shape(num_features):
@@ -226,7 +253,8 @@ def _broadcaster(ndim, axes, cshape):
 
 def _eval_backward(dy, x, mean, invstd, weight, bias, activation, negative_slope, channel_axis):
     """Gradient of y = act((x - mean) * invstd * weight + bias) with mean and invstd constant."""
-    dy, x = np.asarray(dy), np.asarray(x)
+    xp = _module_of(x)
+    dy, x = xp.asarray(dy), xp.asarray(x)
     if dy.shape != x.shape:
         raise ValueError(f"dy must have the shape of the forward's input {x.shape}, got {dy.shape}")
     axes = _args.channel_axes(channel_axis, x.ndim)
@@ -234,8 +262,8 @@ def _eval_backward(dy, x, mean, invstd, weight, bias, activation, negative_slope
     per_channel = _broadcaster(x.ndim, axes, cshape)
     reduced = tuple(i for i in range(x.ndim) if i not in axes)
     back_to_given_order = np.argsort(np.argsort(axes))
-    gamma = np.ones(cshape) if weight is None else weight.astype(np.float64)
-    beta = np.zeros(cshape) if bias is None else bias.astype(np.float64)
+    gamma = xp.ones(cshape) if weight is None else weight.astype(np.float64)
+    beta = xp.zeros(cshape) if bias is None else bias.astype(np.float64)
     xhat = (x.astype(np.float64) - per_channel(mean)) * per_channel(invstd)
     g = dy.astype(np.float64)
     if activation is not None:  # through the activation, at the recomputed pre-activation

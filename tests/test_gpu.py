@@ -287,3 +287,34 @@ def test_same_errors_as_the_cpu_path(rng):
 def test_show_config_names_the_device():
     gpu_line = cbn.show_config(mode="dicts")["gpu"]
     assert gpu_line.startswith("CuPy") and "compute capability" in gpu_line
+
+
+# --------------------------------------------------------------------------
+# The layer on CuPy arrays
+
+
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+def test_layer_on_the_gpu_matches_the_layer_on_the_host(rng, activation):
+    on_host = cbn.BatchNorm(5, activation=activation, momentum=None)
+    on_gpu = cbn.BatchNorm(5, activation=activation, momentum=None)
+    for step in range(3):
+        x = data(rng, (8, 5, 3, 4), np.float32, offset=step)
+        dy = data(rng, (8, 5, 3, 4), np.float32)
+        y = on_gpu(gpu(x))
+        assert isinstance(y, cupy.ndarray) and isinstance(on_gpu.running_mean, cupy.ndarray)
+        assert_close(y, on_host(x), np.float32, scale=4)
+        assert_close(on_gpu.backward(gpu(dy)), on_host.backward(dy), np.float32, scale=10)
+        assert_close(on_gpu.grad_weight, on_host.grad_weight, np.float32, scale=30)
+    assert on_gpu.num_batches_tracked == on_host.num_batches_tracked == 3
+    for mode in ("eval",):
+        on_host.eval(), on_gpu.eval()
+        x, dy = data(rng, (6, 5, 2, 2), np.float32), data(rng, (6, 5, 2, 2), np.float32)
+        assert_close(on_gpu(gpu(x)), on_host(x), np.float32, scale=4)
+        assert_close(on_gpu.backward(gpu(dy)), on_host.backward(dy), np.float32, scale=4)
+    state = on_gpu.state_dict()
+    for name, value in on_host.state_dict().items():
+        assert_close(state[name], value, np.float32, scale=4)
+    on_host.load_state_dict({k: (v if k == "num_batches_tracked" else host(v)) for k, v in state.items()})
+    x = data(rng, (4, 5, 2, 2), np.float32)
+    on_gpu(gpu(x[:1]))  # a GPU forward, then a host forward moves the state back
+    assert isinstance(on_gpu(x), np.ndarray) and isinstance(on_gpu.running_var, np.ndarray)

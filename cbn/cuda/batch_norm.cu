@@ -191,15 +191,62 @@ __device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
     }
 }
 
-// Per-channel partial sums when a channel's values come in runs of B >= 32:
-// block k of channel c sums values [k * chunk, (k + 1) * chunk) of the
-// channel (index j = a * B + b) into part[c * n_chunks + k].
+// The channel's result from its n_part partial sums, by one whole warp, in a
+// fixed order (so it does not matter which block finishes the channel):
+// MODE 0: out rows (mean, invstd, biased var) in double, out_w the same in W;
+// MODE 1: out rows (sum dz, sum dz * (x - mean)), out_w rows (dgamma, dbeta).
+template <typename T, int MODE>
+__device__ __forceinline__ void cbn_finish(const double *part, long long n_part, const T *x, const cbn_channels &ch,
+                                           long long c, long long C, long long B, double count, double *out,
+                                           typename cbn_work<T>::type *out_w, int lane)
+{
+    typedef typename cbn_work<T>::type W;
+    const double *pc = part + 2 * c * n_part;
+    double s1 = 0.0, s2 = 0.0;
+    for (long long p = lane; p < n_part; p += 32) {
+        s1 += __ldcg(pc + 2 * p);  // written by other blocks: read from L2, not a stale L1 line
+        s2 += __ldcg(pc + 2 * p + 1);
+    }
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
+        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
+    }
+    if (lane != 0)
+        return;
+    if (MODE == 0) {
+        const double d = s1 / count;  // mean - pivot
+        const double mean = (double)cbn_load(x + c * B) + d;
+        const double var = fmax((s2 - s1 * d) / count, 0.0);
+        const double invstd = 1.0 / sqrt(var + ch.eps);
+        out[c] = mean;
+        out[C + c] = invstd;
+        out[2 * C + c] = var;
+        out_w[c] = (W)mean;
+        out_w[C + c] = (W)invstd;
+        out_w[2 * C + c] = (W)var;
+    } else {
+        out[c] = s1;
+        out[C + c] = s2;
+        out_w[c] = (W)(s2 * ch.invstd_at(c));
+        out_w[C + c] = (W)s1;
+    }
+}
+
+#define CBN_REDUCE_RESULTS                                                                                          \
+    double *__restrict__ part, unsigned int *__restrict__ counter, double count, double *__restrict__ out,           \
+        typename cbn_work<T>::type *__restrict__ out_w
+
+// Per-channel sums when a channel's values come in runs of B >= 32: block k
+// of channel c sums values [k * chunk, (k + 1) * chunk) of the channel (index
+// j = a * B + b) into part[c * n_chunks + k]; the channel's last block to
+// finish (counter, zeroed by the caller) turns its partials into the results.
 // Grid: C * n_chunks blocks of whole warps.
 template <typename T, int MODE>
 __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
                                 long long C, long long B, long long chunk, int n_chunks, int act, double slope,
-                                double *__restrict__ part)
+                                CBN_REDUCE_RESULTS)
 {
+    __shared__ bool last;
     const long long c = blockIdx.x / n_chunks;
     const long long k = blockIdx.x - c * n_chunks;
     const cbn_channels ch = CBN_CHANNEL_ARGS;
@@ -211,10 +258,10 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
     long long a = j / B, b = j - a * B;
     const long long step_a = step / B, step_b = step - step_a * B;
     double s1 = 0.0, s2 = 0.0;
-    for (; j + 3 * step < end; j += 4 * step) {
-        long long offset[4];
+    for (; j + 7 * step < end; j += 8 * step) {  // eight loads in flight
+        long long offset[8];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < 8; u++) {
             offset[u] = a * Q + b;
             a += step_a;
             b += step_b;
@@ -224,7 +271,7 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++)
+        for (int u = 0; u < 8; u++)
             term.add(xc, dyc, offset[u], s1, s2);
     }
     for (; j < end; j += step) {
@@ -240,33 +287,43 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
     if (threadIdx.x == 0) {
         part[2 * blockIdx.x] = s1;
         part[2 * blockIdx.x + 1] = s2;
+        __threadfence();  // the partial is visible to every block before the count says so
+        last = atomicAdd(counter + c, 1u) == (unsigned int)(n_chunks - 1);
     }
+    __syncthreads();
+    if (last && threadIdx.x < 32)
+        cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w, threadIdx.x);
 }
 
-// Per-column partial sums, for channels whose values come in short runs
-// (B < 32; B == 1 for NC and NHWC): a (32, 8) block sums 32 columns q over
-// rows [chunk_y * rows, (chunk_y + 1) * rows); column q = c * B + b of chunk
-// k goes to partial (b * n_chunks + k) of channel c.
-// Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
+// Per-column sums, for channels whose values come in short runs (B < 32;
+// B == 1 for NC and NHWC): a (32, 8) block sums 32 columns q over rows
+// [k * rows, (k + 1) * rows); column q = c * B + b of chunk k goes to
+// partial (b * n_chunks + k) of channel c.  The last block to finish its
+// part of a channel (counter, zeroed by the caller) turns the channel's
+// partials into the results.  Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
 template <typename T, int MODE>
 __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
                                 long long C, long long B, long long rows, int n_chunks, int act, double slope,
-                                double *__restrict__ part)
+                                CBN_REDUCE_RESULTS)
 {
     __shared__ double shared[2][8][33];
+    __shared__ long long finish[32];
+    __shared__ int n_finish;
     const long long Q = C * B;
     const long long q = (long long)blockIdx.x * 32 + threadIdx.x;
     const bool active = q < Q;
     const long long c = active ? q / B : 0, b = q - c * B;
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
     double s1 = 0.0, s2 = 0.0;
+    if (threadIdx.x == 0 && threadIdx.y == 0)
+        n_finish = 0;
     if (active) {
-        const cbn_channels ch = CBN_CHANNEL_ARGS;
         const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
         const long long end = cbn_min(A, (blockIdx.y + 1) * rows);
         long long r = blockIdx.y * rows + threadIdx.y;
-        for (; r + 24 < end; r += 32) {
+        for (; r + 56 < end; r += 64) {  // eight loads in flight
 #pragma unroll
-            for (int u = 0; u < 4; u++)
+            for (int u = 0; u < 8; u++)
                 term.add(x, dy, (r + 8 * u) * Q + q, s1, s2);
         }
         for (; r < end; r += 8)
@@ -283,74 +340,18 @@ __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ d
         const long long p = (c * B + b) * n_chunks + blockIdx.y;  // = c * (B * n_chunks) + b * n_chunks + k
         part[2 * p] = s1;
         part[2 * p + 1] = s2;
+        __threadfence();  // the partial is visible to every block before the count says so
     }
-}
-
-// Sum of a channel's n_part partials by one warp, in a fixed order; the result is in lane 0.
-__device__ __forceinline__ void cbn_warp_sum_partials(const double *part, long long n_part, int lane, double &s1,
-                                                      double &s2)
-{
-    s1 = 0.0;
-    s2 = 0.0;
-    for (long long p = lane; p < n_part; p += 32) {
-        s1 += part[2 * p];
-        s2 += part[2 * p + 1];
+    __syncthreads();
+    // one count per (channel, block), by the channel's first column in this block's tile
+    if (threadIdx.y == 0 && active && (b == 0 || threadIdx.x == 0)) {
+        const long long tiles = (c * B + B - 1) / 32 - c * B / 32 + 1;  // tiles holding channel c
+        if (atomicAdd(counter + c, 1u) == (unsigned int)(tiles * n_chunks - 1))
+            finish[atomicAdd(&n_finish, 1)] = c;
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
-        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
-    }
-}
-
-// Statistics from the partial sums of cbn_reduce_* (MODE 0), one warp per
-// channel: stats rows (mean, invstd, biased var) in double, and the same
-// in W (out_w rows), what the API returns.
-template <typename T>
-__global__ void cbn_finalize_stats(const double *__restrict__ part, long long n_part, const T *__restrict__ x,
-                                   long long C, long long B, double count, double eps, double *__restrict__ stats,
-                                   typename cbn_work<T>::type *__restrict__ out_w)
-{
-    typedef typename cbn_work<T>::type W;
-    const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (c >= C)
-        return;  // whole warps leave together
-    double s1, s2;
-    cbn_warp_sum_partials(part + 2 * c * n_part, n_part, lane, s1, s2);
-    if (lane != 0)
-        return;
-    const double d = s1 / count;  // mean - pivot
-    const double mean = (double)cbn_load(x + c * B) + d;
-    const double var = fmax((s2 - s1 * d) / count, 0.0);
-    const double invstd = 1.0 / sqrt(var + eps);
-    stats[c] = mean;
-    stats[C + c] = invstd;
-    stats[2 * C + c] = var;
-    out_w[c] = (W)mean;
-    out_w[C + c] = (W)invstd;
-    out_w[2 * C + c] = (W)var;
-}
-
-// The backward's sums (MODE 1 partials), one warp per channel: sums rows
-// (sum dz, sum dz * (x - mean)) in double, and dgamma = sum_dz_xmu * invstd,
-// dbeta = sum_dz in W (out_w rows).
-template <typename W>
-__global__ void cbn_finalize_grad(const double *__restrict__ part, long long n_part, long long C,
-                                  const void *__restrict__ invstd, int invstd_t, double *__restrict__ sums,
-                                  W *__restrict__ out_w)
-{
-    const long long c = ((long long)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
-    const int lane = threadIdx.x & 31;
-    if (c >= C)
-        return;
-    double s1, s2;
-    cbn_warp_sum_partials(part + 2 * c * n_part, n_part, lane, s1, s2);
-    if (lane != 0)
-        return;
-    sums[c] = s1;
-    sums[C + c] = s2;
-    out_w[c] = (W)(s2 * cbn_channel(invstd, invstd_t, c, 1.0));
-    out_w[C + c] = (W)s1;
+    __syncthreads();
+    for (int i = threadIdx.y; i < n_finish; i += 8)  // one warp per finished channel
+        cbn_finish<T, MODE>(part, B * n_chunks, x, ch, finish[i], C, B, count, out, out_w, threadIdx.x);
 }
 
 // y = act(((x - mu_hi) - mu_lo) * scale + shift).  Thread (tx, ty) of block
@@ -385,7 +386,7 @@ __global__ void cbn_normalize(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A,
 
 // dx = ((dz - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy with dz = dy * act'(z), z recomputed
 // from x, dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd (sums from
-// cbn_finalize_grad).  Launched like cbn_normalize; dx may be dy or x.
+// the MODE 1 reduction).  Launched like cbn_normalize; dx may be dy or x.
 template <typename T>
 __global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS,
                                    const double *__restrict__ sums, double count, long long A, long long C,
