@@ -11,10 +11,10 @@ from typing import NamedTuple
 import numpy as np
 
 THREADS = 256  # threads per block of the 1-D kernels
-REDUCE_BLOCKS = 1024  # blocks a reduction aims for: about one wave of a large GPU (fastest on an H200)
+REDUCE_BLOCKS = 2048  # blocks a reduction aims for: a few waves on any current GPU
 ELEMENTWISE_BLOCKS = 4096
 ROWS_MIN_RUN = 32  # channels whose values come in runs at least this long are reduced by rows
-MIN_PER_THREAD = 8  # values per thread below which a reduction stops splitting a channel (a batch of loads)
+MIN_PER_THREAD = 4  # values per thread below which a reduction stops splitting a channel (a batch of loads)
 ROWS_PER_THREAD = 8  # cbn_normalize's batch of loads in flight per thread
 COLS_BLOCK = (32, 8)  # cbn_reduce_cols' block shape (fixed in the kernel)
 

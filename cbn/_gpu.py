@@ -62,7 +62,7 @@ class _Launcher:
         A, C, B = shape
         p = plan.reduce_plan(A, C, B)
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
-        counter = cupy.zeros(C, dtype=np.uint32)
+        counter = _counters(C)
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
         kernel = self.kernels[f"cbn_reduce_{'rows' if p.by_rows else 'cols'}<{self.t}, {mode}>"]
         kernel(p.grid, p.block, (x, dy, *channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks),
@@ -89,6 +89,22 @@ class _Launcher:
              np.float64(act[1])),
         )
         return sums, out_w
+
+
+_COUNTERS = {}  # (device, stream) -> the reductions' per-channel block counters
+
+
+def _counters(C):
+    """At least C zeros for the reductions' block counters, which the kernels leave at zero.
+
+    One buffer per device and stream: launches on one stream run one after
+    the other, so they can share it; another stream gets its own.
+    """
+    key = (cupy.cuda.runtime.getDevice(), cupy.cuda.get_current_stream().ptr)
+    counters = _COUNTERS.get(key)
+    if counters is None or counters.size < C:
+        counters = _COUNTERS[key] = cupy.zeros(max(C, 1024), dtype=np.uint32)
+    return counters
 
 
 _NO_ACT = (0, 0.0)

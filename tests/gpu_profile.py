@@ -55,13 +55,13 @@ for name, shape, axis in cases:
     layout = _gpu._Layout([x], (axis % x.ndim,))
     print(f"{name:22} view {layout.view} copy {copy:6.1f}  "
           + "  ".join(f"{k} {v:6.1f}" for k, v in kernel_times(x, axis).items()))
-    for blocks in (256, 512, 2048):
+    for blocks in (1024, 4096):
         plan.REDUCE_BLOCKS = blocks
         clear_plans()
         t = kernel_times(x, axis)
         print(f"    REDUCE_BLOCKS {blocks:5}: reduce0 {t['reduce0']:6.1f} reduce1 {t['reduce1']:6.1f}")
-    plan.REDUCE_BLOCKS = 1024
-    for blocks, rows in ((2048, 8), (4096, 16)):
+    plan.REDUCE_BLOCKS = 2048
+    for blocks, rows in ((4096, 16),):
         plan.ELEMENTWISE_BLOCKS, plan.ROWS_PER_THREAD = blocks, rows
         clear_plans()
         t = kernel_times(x, axis)

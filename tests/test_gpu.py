@@ -238,6 +238,19 @@ def test_bitwise_identical_between_runs(rng, shape, axis):
     assert_close(first[1], mean_cpu, np.float32)
 
 
+def test_calls_on_several_streams_and_shapes_agree(rng):
+    shapes = [((16, 3000), 1), ((4, 2000, 40), 1), ((64, 5, 9), -1)]  # channel counts beyond the first buffer
+    arrays = [(gpu(data(rng, shape, np.float32)), axis) for shape, axis in shapes]
+    expected = [tuple(host(a) for a in cbn.batch_stats(x, channel_axis=axis)) for x, axis in arrays]
+    for stream in (cupy.cuda.Stream(), cupy.cuda.Stream(non_blocking=True), cupy.cuda.Stream.null):
+        with stream:
+            got = [cbn.batch_stats(x, channel_axis=axis) for x, axis in arrays * 2]
+        stream.synchronize()
+        for (mean, var), (mean_e, var_e) in zip(got, expected * 2):
+            np.testing.assert_array_equal(host(mean), mean_e)
+            np.testing.assert_array_equal(host(var), var_e)
+
+
 def test_nan_stays_in_its_channel(rng):
     x = data(rng, (8, 3, 16), np.float32)
     x[2, 1, 5] = np.nan

@@ -239,7 +239,8 @@ __device__ __forceinline__ void cbn_finish(const double *part, long long n_part,
 // Per-channel sums when a channel's values come in runs of B >= 32: block k
 // of channel c sums values [k * chunk, (k + 1) * chunk) of the channel (index
 // j = a * B + b) into part[c * n_chunks + k]; the channel's last block to
-// finish (counter, zeroed by the caller) turns its partials into the results.
+// finish (counter: zero at launch, left at zero) turns its partials into the
+// results.
 // Grid: C * n_chunks blocks of whole warps.
 template <typename T, int MODE>
 __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
@@ -258,10 +259,10 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
     long long a = j / B, b = j - a * B;
     const long long step_a = step / B, step_b = step - step_a * B;
     double s1 = 0.0, s2 = 0.0;
-    for (; j + 7 * step < end; j += 8 * step) {  // eight loads in flight
-        long long offset[8];
+    for (; j + 3 * step < end; j += 4 * step) {  // four loads in flight
+        long long offset[4];
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < 4; u++) {
             offset[u] = a * Q + b;
             a += step_a;
             b += step_b;
@@ -271,7 +272,7 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
             }
         }
 #pragma unroll
-        for (int u = 0; u < 8; u++)
+        for (int u = 0; u < 4; u++)
             term.add(xc, dyc, offset[u], s1, s2);
     }
     for (; j < end; j += step) {
@@ -289,6 +290,8 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
         part[2 * blockIdx.x + 1] = s2;
         __threadfence();  // the partial is visible to every block before the count says so
         last = atomicAdd(counter + c, 1u) == (unsigned int)(n_chunks - 1);
+        if (last)
+            counter[c] = 0;  // every block of the channel has counted: ready for the next launch
     }
     __syncthreads();
     if (last && threadIdx.x < 32)
@@ -299,7 +302,7 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
 // B == 1 for NC and NHWC): a (32, 8) block sums 32 columns q over rows
 // [k * rows, (k + 1) * rows); column q = c * B + b of chunk k goes to
 // partial (b * n_chunks + k) of channel c.  The last block to finish its
-// part of a channel (counter, zeroed by the caller) turns the channel's
+// part of a channel (counter: zero at launch, left at zero) turns the channel's
 // partials into the results.  Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
 template <typename T, int MODE>
 __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
@@ -321,9 +324,9 @@ __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ d
         const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
         const long long end = cbn_min(A, (blockIdx.y + 1) * rows);
         long long r = blockIdx.y * rows + threadIdx.y;
-        for (; r + 56 < end; r += 64) {  // eight loads in flight
+        for (; r + 24 < end; r += 32) {  // four loads in flight
 #pragma unroll
-            for (int u = 0; u < 8; u++)
+            for (int u = 0; u < 4; u++)
                 term.add(x, dy, (r + 8 * u) * Q + q, s1, s2);
         }
         for (; r < end; r += 8)
@@ -346,8 +349,10 @@ __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ d
     // one count per (channel, block), by the channel's first column in this block's tile
     if (threadIdx.y == 0 && active && (b == 0 || threadIdx.x == 0)) {
         const long long tiles = (c * B + B - 1) / 32 - c * B / 32 + 1;  // tiles holding channel c
-        if (atomicAdd(counter + c, 1u) == (unsigned int)(tiles * n_chunks - 1))
+        if (atomicAdd(counter + c, 1u) == (unsigned int)(tiles * n_chunks - 1)) {
+            counter[c] = 0;  // every block of the channel has counted: ready for the next launch
             finish[atomicAdd(&n_finish, 1)] = c;
+        }
     }
     __syncthreads();
     for (int i = threadIdx.y; i < n_finish; i += 8)  // one warp per finished channel
