@@ -1,7 +1,7 @@
 """cbn: batch normalization for NumPy arrays, fast and accurate.
 
 The normalization of Ioffe & Szegedy (2015) and its gradient, as OpenMP
-kernels.  ``cbn.reference`` holds the same functions in plain NumPy.
+kernels for NumPy arrays and CUDA kernels for CuPy arrays.  ``cbn.reference`` holds the same functions in plain NumPy.
 """
 from . import reference
 from ._api import batch_norm, batch_norm_backward, batch_norm_forward, batch_stats

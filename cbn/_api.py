@@ -172,7 +172,9 @@ def batch_norm(
     ----------
     x : array_like
         Input, at least 2-D when training.  float16 is computed in float32
-        and returned as float16; integers and bools give float64.
+        and returned as float16; integers and bools give float64.  A
+        ``cupy.ndarray`` is computed on its GPU (every array argument of the
+        call must then be a CuPy array, and results are CuPy arrays).
     gamma, beta : array_like, optional
         Per-channel scale and shift, of shape ``tuple(x.shape[a] for a in
         channel_axis)``.  Default: 1 and 0.
@@ -332,7 +334,8 @@ def batch_norm_backward(
     Parameters
     ----------
     dy : array_like
-        Gradient of the loss with respect to y, same shape as x.
+        Gradient of the loss with respect to y, same shape as x.  CuPy
+        arrays (all of them) are computed on the GPU.
     x : array_like
         The forward's input.
     mean, invstd : array_like
@@ -418,7 +421,8 @@ def batch_stats(x, *, channel_axis=1):
     Parameters
     ----------
     x : array_like
-        Input with at least one value per channel.
+        Input with at least one value per channel (a ``cupy.ndarray`` is
+        computed on its GPU).
     channel_axis : int or tuple of ints, default 1
         The channel axis or axes.
 
