@@ -26,10 +26,19 @@ CUDA_TYPES = {
 }
 
 
+# cbn_train_channel / cbn_backward_channel: values per thread held in registers, per element type
+CHANNEL_VALUES = {np.dtype(np.float16): 32, np.dtype(np.float32): 32, np.dtype(np.float64): 16}
+CHANNEL_THREADS = 512
+SMALL_ARRAY = 1 << 20  # values: below this, a channel's layout need not be coalesced for the one-block kernels
+
+
 def name_expressions(dtype):
     """The kernel template instances cbn uses for arrays of ``dtype``."""
     t, w = CUDA_TYPES[np.dtype(dtype)]
+    vals = CHANNEL_VALUES[np.dtype(dtype)]
     return [
+        f"cbn_train_channel<{t}, {vals}>",
+        f"cbn_backward_channel<{t}, {vals}>",
         f"cbn_reduce_rows<{t}, 0>",
         f"cbn_reduce_rows<{t}, 1>",
         f"cbn_reduce_cols<{t}, 0>",
@@ -72,6 +81,13 @@ def reduce_plan(A, C, B):
     span = math.ceil(A / n_chunks)
     n_chunks = math.ceil(A / span)
     return ReducePlan(False, (tiles, n_chunks), COLS_BLOCK, span, n_chunks, B * n_chunks)
+
+
+def one_block_per_channel(A, C, B, dtype):
+    """Whether a channel fits one block's registers (cbn_train_channel, cbn_backward_channel) and is read
+    coalesced enough: runs of B >= ROWS_MIN_RUN values, or a small array."""
+    fits = A * B <= CHANNEL_THREADS * CHANNEL_VALUES[np.dtype(dtype)] and A * C * B < 2**31  # 32-bit offsets
+    return fits and (B >= ROWS_MIN_RUN or A * C * B <= SMALL_ARRAY)
 
 
 @functools.lru_cache(maxsize=256)

@@ -52,7 +52,9 @@ class _Launcher:
     """
 
     def __init__(self, device_id, dtype):
+        self.dtype = dtype
         self.t, _ = plan.CUDA_TYPES[dtype]
+        self.vals = plan.CHANNEL_VALUES[dtype]
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
 
@@ -73,6 +75,17 @@ class _Launcher:
         """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each."""
         return self._reduce(0, x, x, _channels(None, None, False, eps, None, None, x), shape, _NO_ACT, 3)
 
+    def train_channel(self, x, y, eps, gamma, beta, shape, act):
+        """The training forward of channels that fit one block: y, and the statistics as :meth:`stats`."""
+        A, C, B = shape
+        stats, out_w = cupy.empty((3, C), dtype=_F64), cupy.empty((3, C), dtype=self.work)
+        self.kernels[f"cbn_train_channel<{self.t}, {self.vals}>"](
+            (C,), (plan.CHANNEL_THREADS,),
+            (x, y, *_channels(None, None, False, eps, gamma, beta, x), *_i64(A, C, B), np.int32(act[0]),
+             np.float64(act[1]), stats, out_w),
+        )
+        return stats, out_w
+
     def normalize(self, x, y, channels, shape, act):
         p = plan.elementwise_plan(*shape)
         self.kernels[f"cbn_normalize<{self.t}>"](
@@ -81,6 +94,14 @@ class _Launcher:
 
     def backward(self, dy, x, dx, channels, shape, act):
         """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype."""
+        if plan.one_block_per_channel(*shape, self.dtype):
+            A, C, B = shape
+            sums, out_w = cupy.empty((2, C), dtype=_F64), cupy.empty((2, C), dtype=self.work)
+            self.kernels[f"cbn_backward_channel<{self.t}, {self.vals}>"](
+                (C,), (plan.CHANNEL_THREADS,),
+                (dy, x, dx, *channels, *_i64(A, C, B), np.int32(act[0]), np.float64(act[1]), sums, out_w),
+            )
+            return sums, out_w
         sums, out_w = self._reduce(1, x, dy, channels, shape, act, 2)
         p = plan.elementwise_plan(*shape)
         self.kernels[f"cbn_backward_elemt<{self.t}>"](
@@ -312,8 +333,11 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
             stats, stats_w = cupy.zeros((3, C), dtype=_F64), cupy.zeros((3, C), dtype=work)
         else:
             k = _launcher_for(result)
-            stats, stats_w = k.stats(xk, layout.view, eps)
-            k.normalize(xk, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, xk), layout.view, act)
+            if plan.one_block_per_channel(*layout.view, result):  # one read of x, one launch
+                stats, stats_w = k.train_channel(xk, y, eps, gamma, beta, layout.view, act)
+            else:
+                stats, stats_w = k.stats(xk, layout.view, eps)
+                k.normalize(xk, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, xk), layout.view, act)
         if running_mean is not None:
             mean, unbiased = stats[0].reshape(cshape), stats[2].reshape(cshape) * (count / (count - 1))
             for running, batch in ((running_mean, mean), (running_var, unbiased)):  # as cbn._compute.update_running

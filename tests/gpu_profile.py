@@ -1,8 +1,8 @@
 """Where the GPU path's time goes (a diagnostic for tests/gpu_check.sh, not a test).
 
-Prints each kernel's device time for the default benchmark cases (float32),
-the same under other launch-shape constants, and the host's per-call profile
-of a small training forward.
+Prints each kernel's device time for the default benchmark cases (float32,
+the split-channel kernels) and the host's per-call profile of a small training
+forward and inference.
 """
 import cProfile
 import io
@@ -13,7 +13,6 @@ import numpy as np
 
 import cbn
 from cbn import _bench_gpu, _gpu
-from cbn import _cuda_plan as plan
 from cbn._bench import DEFAULT_CASES
 
 F32 = np.dtype(np.float32)
@@ -40,11 +39,6 @@ def kernel_times(x, axis, dtype=F32):
     }
 
 
-def clear_plans():
-    plan.reduce_plan.cache_clear()
-    plan.elementwise_plan.cache_clear()
-
-
 rng = cupy.random.default_rng(0)
 print("device us per kernel group, float32 (copy = device-to-device copy of x)")
 cases = [c for c in DEFAULT_CASES if np.prod(c[1]) * 4 < 100e6]
@@ -55,19 +49,7 @@ for name, shape, axis in cases:
     layout = _gpu._Layout([x], (axis % x.ndim,))
     print(f"{name:22} view {layout.view} copy {copy:6.1f}  "
           + "  ".join(f"{k} {v:6.1f}" for k, v in kernel_times(x, axis).items()))
-    for blocks in (1024, 4096):
-        plan.REDUCE_BLOCKS = blocks
-        clear_plans()
-        t = kernel_times(x, axis)
-        print(f"    REDUCE_BLOCKS {blocks:5}: reduce0 {t['reduce0']:6.1f} reduce1 {t['reduce1']:6.1f}")
-    plan.REDUCE_BLOCKS = 2048
-    for blocks, rows in ((4096, 16),):
-        plan.ELEMENTWISE_BLOCKS, plan.ROWS_PER_THREAD = blocks, rows
-        clear_plans()
-        t = kernel_times(x, axis)
-        print(f"    ELEMENTWISE_BLOCKS {blocks:5} rows/thread {rows}: normalize {t['normalize']:6.1f}")
-    plan.ELEMENTWISE_BLOCKS, plan.ROWS_PER_THREAD = 4096, 8
-    clear_plans()
+
 
 x = rng.standard_normal((64, 128), dtype=np.float32)
 y = cupy.empty_like(x)

@@ -18,7 +18,9 @@ DTYPES = (np.float16, np.float32, np.float64)
 
 def test_cuda_source_ships_with_the_package():
     assert SOURCE.is_file()
-    assert "cbn_reduce_rows" in SOURCE.read_text()
+    text = SOURCE.read_text()
+    assert "cbn_reduce_rows" in text
+    assert f"#define CBN_CHANNEL_THREADS {plan.CHANNEL_THREADS} " in text  # launch bounds = the launch's block
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -151,10 +153,20 @@ def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape):
     assert e.grid[0] * e.grid[1] >= 1000
 
 
+def test_small_channels_take_the_one_block_kernels():
+    f32, f64 = np.float32, np.float64
+    assert plan.one_block_per_channel(64, 256, 196, f32)  # NCHW 64x256x14x14: 12544 values per channel
+    assert not plan.one_block_per_channel(64, 256, 196, f64)  # float64 holds half as many
+    assert not plan.one_block_per_channel(32, 64, 3136, f32)  # too many values per channel
+    assert not plan.one_block_per_channel(4096, 1024, 1, f32)  # strided channels of a large array
+    assert plan.one_block_per_channel(64, 128, 1, f32)  # ... but a small one is fine
+    assert not plan.one_block_per_channel(2, 2**30, 1, f32)  # 32-bit offsets
+
+
 def test_name_expressions_cover_each_dtype():
     for dtype in DTYPES:
         names = plan.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 6
+        assert len(names) == len(set(names)) == 8
     with pytest.raises(KeyError):
         plan.name_expressions(np.int32)
 

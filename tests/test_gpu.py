@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import cbn
-from cbn import reference
+from cbn import _cuda_plan, reference
 
 cupy = pytest.importorskip("cupy")
 if not cupy.is_available():  # pragma: no cover - depends on the machine
@@ -26,6 +26,14 @@ CASES = [
     ((6, 5, 4), 0),
     ((4, 6, 5, 3), (1, 3)),
 ]
+
+
+@pytest.fixture(params=["one block per channel", "split channels"], autouse=True)
+def kernel_path(request, monkeypatch):
+    """Every test twice: small channels through the one-block kernels, and through the split reductions."""
+    if request.param == "split channels":
+        monkeypatch.setattr(_cuda_plan, "one_block_per_channel", lambda *args: False)
+    return request.param
 
 
 def gpu(a):

@@ -359,6 +359,153 @@ __global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ d
         cbn_finish<T, MODE>(part, B * n_chunks, x, ch, finish[i], C, B, count, out, out_w, threadIdx.x);
 }
 
+// Position of value j = a * B + b of a channel, advanced by a fixed step without a division per value;
+// 32-bit (the one-block-per-channel kernels take arrays of fewer than 2**31 values): fewer registers.
+struct cbn_walk {
+    unsigned int a, b, step_a, step_b, B;
+
+    __device__ __forceinline__ cbn_walk(unsigned int j, unsigned int step, unsigned int B_) : B(B_)
+    {
+        a = j / B;
+        b = j - a * B;
+        step_a = step / B;
+        step_b = step - step_a * B;
+    }
+    __device__ __forceinline__ unsigned int offset(unsigned int Q) const { return a * Q + b; }
+    __device__ __forceinline__ void next()
+    {
+        a += step_a;
+        b += step_b;
+        if (b >= B) {
+            b -= B;
+            a++;
+        }
+    }
+};
+
+// Sum (s1, s2) over the block and give every thread the result (cbn_block_sum, then a broadcast).
+__device__ __forceinline__ void cbn_block_allsum(double &s1, double &s2)
+{
+    __shared__ double total[2];
+    cbn_block_sum(s1, s2);
+    if (threadIdx.x == 0) {
+        total[0] = s1;
+        total[1] = s2;
+    }
+    __syncthreads();
+    s1 = total[0];
+    s2 = total[1];
+    __syncthreads();  // the shared sums may be reused
+}
+
+// Training forward of small channels, one block per channel holding its m <= blockDim.x * VALS values
+// in registers: one read of x, the statistics two-pass from the registers (the mean from deviations
+// from the pivot, then the variance from the centred values y is made of), y written; stats and out_w
+// as cbn_finish (MODE 0).  y may be x.
+#define CBN_CHANNEL_THREADS 512  // the block of the one-block-per-channel kernels (CHANNEL_THREADS in _cuda_plan.py)
+
+template <typename T, int VALS>
+__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_train_channel(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B,
+                                  int act, double slope, double *__restrict__ stats,
+                                  typename cbn_work<T>::type *__restrict__ out_w)
+{
+    typedef typename cbn_work<T>::type W;
+    const long long c = blockIdx.x, m = A * B;
+    const unsigned int Q = (unsigned int)(C * B);
+    const T *xc = x + c * B;
+    const double pivot = (double)cbn_load(xc);
+    W v[VALS];
+    double s1 = 0.0, s2 = 0.0;
+    cbn_walk w(threadIdx.x, blockDim.x, (unsigned int)B);
+#pragma unroll
+    for (int i = 0; i < VALS; i++) {
+        if (threadIdx.x + (long long)i * blockDim.x < m) {
+            v[i] = cbn_load(xc + w.offset(Q));
+            s1 += (double)v[i] - pivot;
+        }
+        w.next();
+    }
+    cbn_block_allsum(s1, s2);
+    const double mu = pivot + s1 / (double)m;
+    const W mu_hi = (W)mu, mu_lo = (W)(mu - (double)mu_hi);
+    s1 = 0.0;
+#pragma unroll
+    for (int i = 0; i < VALS; i++) {
+        v[i] = (v[i] - mu_hi) - mu_lo;  // centred in place, as y needs it (exact near the mean)
+        if (threadIdx.x + (long long)i * blockDim.x < m)
+            s2 += (double)v[i] * (double)v[i];
+    }
+    cbn_block_allsum(s1, s2);
+    const double var = s2 / (double)m;
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    const double invstd = 1.0 / sqrt(var + ch.eps);
+    if (threadIdx.x == 0) {
+        stats[c] = mu;
+        stats[C + c] = invstd;
+        stats[2 * C + c] = var;
+        out_w[c] = (W)mu;
+        out_w[C + c] = (W)invstd;
+        out_w[2 * C + c] = (W)var;
+    }
+    const W scale = (W)(ch.gamma_at(c) * invstd), shift = (W)ch.beta_at(c), w_slope = (W)slope;
+    T *yc = y + c * B;
+#pragma unroll
+    for (int i = 0; i < VALS; i++) {
+        const unsigned int j = threadIdx.x + i * blockDim.x, a = j / (unsigned int)B;  // recomputed: fewer
+        if (j < m)                                                                    // registers held
+            cbn_store(yc + (a * Q + (j - a * (unsigned int)B)), cbn_activate(v[i] * scale + shift, act, w_slope));
+    }
+}
+
+// Backward of small channels, one block per channel with its dy and x in registers: the sums and dx
+// in one launch (sums and out_w as cbn_finish, MODE 1).  dx may be dy or x.
+template <typename T, int VALS>
+__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_backward_channel(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS, long long A, long long C,
+                                     long long B, int act, double slope, double *__restrict__ sums,
+                                     typename cbn_work<T>::type *__restrict__ out_w)
+{
+    typedef typename cbn_work<T>::type W;
+    const long long c = blockIdx.x, m = A * B;
+    const unsigned int Q = (unsigned int)(C * B);
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    const cbn_affine<W> p(ch, c);
+    const double mu = ch.mean_at(c), invstd = ch.invstd_at(c);
+    const W w_slope = (W)slope;
+    W g[VALS], xm[VALS];
+    double s1 = 0.0, s2 = 0.0;
+    cbn_walk w(threadIdx.x, blockDim.x, (unsigned int)B);
+#pragma unroll
+    for (int i = 0; i < VALS; i++) {
+        if (threadIdx.x + (long long)i * blockDim.x < m) {
+            const long long at = c * B + w.offset(Q);
+            const W v = cbn_load(x + at);
+            g[i] = cbn_load(dy + at);
+            xm[i] = p.centred(v);
+            if (act != ACT_NONE)
+                g[i] = cbn_activation_grad(g[i], xm[i] * p.scale + p.shift, act, w_slope);
+            s1 += (double)g[i];
+            s2 += (double)g[i] * ((double)v - mu);
+        }
+        w.next();
+    }
+    cbn_block_allsum(s1, s2);
+    if (threadIdx.x == 0) {
+        sums[c] = s1;
+        sums[C + c] = s2;
+        out_w[c] = (W)(s2 * invstd);
+        out_w[C + c] = (W)s1;
+    }
+    const W dy_mean = (W)(s1 / (double)m), c_xmu = (W)(invstd * invstd * s2 / (double)m);
+    const W k_dy = (W)(ch.gamma_at(c) * invstd);
+    cbn_walk out(threadIdx.x, blockDim.x, (unsigned int)B);
+#pragma unroll
+    for (int i = 0; i < VALS; i++) {
+        if (threadIdx.x + (long long)i * blockDim.x < m)
+            cbn_store(dx + c * B + out.offset(Q), ((g[i] - dy_mean) - xm[i] * c_xmu) * k_dy);
+        out.next();
+    }
+}
+
 // y = act(((x - mu_hi) - mu_lo) * scale + shift).  Thread (tx, ty) of block
 // (bx, by) handles column q = bx * blockDim.x + tx, rows by * rows + ty + k *
 // blockDim.y: one channel per thread, coalesced along q.  y may be x.
