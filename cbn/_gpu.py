@@ -75,8 +75,16 @@ class _Launcher:
         """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each."""
         return self._reduce(0, x, x, _channels(None, None, False, eps, None, None, x), shape, _NO_ACT, 3)
 
-    def train_channel(self, x, y, eps, gamma, beta, shape, act):
-        """The training forward of channels that fit one block: y, and the statistics as :meth:`stats`."""
+    def train(self, x, y, eps, gamma, beta, shape, act):
+        """Training forward into y; returns the statistics as :meth:`stats`.
+
+        Channels that fit one block: one launch, one read of x; larger ones:
+        the statistics, then the normalize pass.
+        """
+        if not plan.one_block_per_channel(*shape, self.dtype):
+            stats, out_w = self.stats(x, shape, eps)
+            self.normalize(x, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, x), shape, act)
+            return stats, out_w
         A, C, B = shape
         stats, out_w = cupy.empty((3, C), dtype=_F64), cupy.empty((3, C), dtype=self.work)
         self.kernels[f"cbn_train_channel<{self.t}, {self.vals}>"](
@@ -93,7 +101,11 @@ class _Launcher:
         )
 
     def backward(self, dy, x, dx, channels, shape, act):
-        """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype."""
+        """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype.
+
+        Channels that fit one block: one launch; larger ones: the reduction,
+        then the elementwise pass.
+        """
         if plan.one_block_per_channel(*shape, self.dtype):
             A, C, B = shape
             sums, out_w = cupy.empty((2, C), dtype=_F64), cupy.empty((2, C), dtype=self.work)
@@ -332,12 +344,7 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
         if x.size == 0:
             stats, stats_w = cupy.zeros((3, C), dtype=_F64), cupy.zeros((3, C), dtype=work)
         else:
-            k = _launcher_for(result)
-            if plan.one_block_per_channel(*layout.view, result):  # one read of x, one launch
-                stats, stats_w = k.train_channel(xk, y, eps, gamma, beta, layout.view, act)
-            else:
-                stats, stats_w = k.stats(xk, layout.view, eps)
-                k.normalize(xk, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, xk), layout.view, act)
+            stats, stats_w = _launcher_for(result).train(xk, y, eps, gamma, beta, layout.view, act)
         if running_mean is not None:
             mean, unbiased = stats[0].reshape(cshape), stats[2].reshape(cshape) * (count / (count - 1))
             for running, batch in ((running_mean, mean), (running_var, unbiased)):  # as cbn._compute.update_running
