@@ -454,5 +454,5 @@ def batch_stats(x, *, channel_axis=1):
 
 
 for _f in (batch_norm, batch_norm_forward, batch_norm_backward, batch_stats):
-    _f.__doc__ = _f.__doc__.replace("{setup}", _EXAMPLE_SETUP)
+    _f.__doc__ = (_f.__doc__ or "").replace("{setup}", _EXAMPLE_SETUP)
 del _f

@@ -124,7 +124,7 @@ class _Launcher:
         return sums, out_w
 
 
-_COUNTERS = {}  # (device, stream) -> the reductions' per-channel block counters
+_COUNTERS: dict = {}  # (device, stream) -> the reductions' per-channel block counters
 
 
 def _counters(C):

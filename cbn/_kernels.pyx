@@ -70,8 +70,9 @@ cdef extern from "cbn_loops.h" nogil:
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
                                              Py_ssize_t n, const double *p, Py_ssize_t ps, int act, double slope)
     void group_act_grad_f "cbn_group_act_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
-                                                 const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dz,
-                                                 Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
+                                                 const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
+                                                 float *dz, Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so,
+                                                 Py_ssize_t m, Py_ssize_t g,
                                                  Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope)
     void group_act_grad_d "cbn_group_act_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
                                                  const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
@@ -374,8 +375,6 @@ cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const 
                     x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
 
 
-
-
 cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
     """n zeroed (or not) items of ``size`` bytes from the heap; free() it."""
     cdef void *p = calloc(max(n, 1), size) if zero else malloc(max(n, 1) * size)
@@ -618,7 +617,7 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
     cdef Grid g
     cdef floating *p
     cdef double *part
-    cdef Py_ssize_t c, k, group, n_groups
+    cdef Py_ssize_t k, group, n_groups
     cdef int nt
     cdef Act a = Act(act, slope)
     if A * B * C == 0:

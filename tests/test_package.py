@@ -1,6 +1,7 @@
 """The package as a user meets it: configuration, command line, docs, metadata."""
 import doctest
 import importlib.metadata
+import importlib.resources
 import pathlib
 import re
 import subprocess
@@ -19,6 +20,14 @@ README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
 def test_version_is_single_sourced():
     assert importlib.metadata.version("cbn") == cbn.__version__
+
+
+def test_type_information_ships_with_the_package():
+    package = importlib.resources.files("cbn")
+    assert (package / "py.typed").is_file()
+    stubs = (package / "_kernels.pyi").read_text()
+    for name in ("forward_train", "backward", "channel_stats", "openmp_info"):
+        assert f"def {name}(" in stubs
 
 
 def test_show_config_reports_what_the_issue_asks(capsys):
