@@ -84,31 +84,6 @@ def _gpu():
     return _gpu
 
 
-def _training_count(shape, axes):
-    count = _args.values_per_channel(shape, axes)
-    if count <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {shape}")
-    return count
-
-
-def _running_stats(running_mean, running_var, cshape, training):
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is None:
-        if not training:
-            raise ValueError("running_mean and running_var are required when training=False")
-        return None, None
-    if training:
-        return (
-            _args.running_stat(running_mean, "running_mean", cshape),
-            _args.running_stat(running_var, "running_var", cshape),
-        )
-    return (
-        _args.per_channel(running_mean, "running_mean", cshape),
-        _args.per_channel(running_var, "running_var", cshape),
-    )
-
-
 def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs):
     """Checks and computes the training forward; returns (y, mean, invstd).
 
@@ -119,10 +94,10 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
         raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
     axes = _args.channel_axes(channel_axis, x.ndim)
     cshape = _args.channel_shape(x.shape, axes)
-    count = _training_count(x.shape, axes)
+    count = _args.training_count(x.shape, axes)
     gamma = None if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     beta = None if beta is None else _args.per_channel(beta, "beta", cshape)
-    running_mean, running_var = _running_stats(running_mean, running_var, cshape, training=True)
+    running_mean, running_var = _args.running_pair(running_mean, running_var, cshape, training=True)
     momentum = _args.scalar(momentum, "momentum", 0.0, 1.0)
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)
@@ -247,7 +222,7 @@ def batch_norm(
     cshape = _args.channel_shape(x.shape, axes)
     gamma = None if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     beta = None if beta is None else _args.per_channel(beta, "beta", cshape)
-    mean, var = _running_stats(running_mean, running_var, cshape, training=False)
+    mean, var = _args.running_pair(running_mean, running_var, cshape, training=False)
     _args.scalar(momentum, "momentum", 0.0, 1.0)
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)

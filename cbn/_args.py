@@ -109,6 +109,31 @@ def running_stat(value, name, cshape):
     return value
 
 
+def training_count(shape, axes):
+    """Values per channel, of which training needs more than one."""
+    count = values_per_channel(shape, axes)
+    if count <= 1:
+        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {shape}")
+    return count
+
+
+def running_pair(running_mean, running_var, cshape, training, check_stat=running_stat, check_channel=per_channel):
+    """The running statistics of a call: both or neither, required at inference.
+
+    Training updates them in place (each checked by ``check_stat``);
+    inference reads them (``check_channel``).  The GPU path passes its own
+    checks for CuPy arrays.
+    """
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is None:
+        if not training:
+            raise ValueError("running_mean and running_var are required when training=False")
+        return None, None
+    check = check_stat if training else check_channel
+    return check(running_mean, "running_mean", cshape), check(running_var, "running_var", cshape)
+
+
 def scalar(value, name, low, high):
     """A real scalar within [low, high]."""
     if type(value) is float and low <= value <= high and abs(value) != math.inf:

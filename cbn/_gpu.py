@@ -213,15 +213,7 @@ def _running_stat(value, name, cshape):
 
 
 def _running_pair(running_mean, running_var, cshape, training):
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is None:
-        if not training:
-            raise ValueError("running_mean and running_var are required when training=False")
-        return None, None
-    if training:
-        return _running_stat(running_mean, "running_mean", cshape), _running_stat(running_var, "running_var", cshape)
-    return _per_channel(running_mean, "running_mean", cshape), _per_channel(running_var, "running_var", cshape)
+    return _args.running_pair(running_mean, running_var, cshape, training, _running_stat, _per_channel)
 
 
 def outputs(out, names, func):
@@ -321,9 +313,7 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
         raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
     axes = _args.channel_axes(channel_axis, x.ndim)
     cshape = _args.channel_shape(x.shape, axes)
-    count = _args.values_per_channel(x.shape, axes)
-    if count <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {x.shape}")
+    count = _args.training_count(x.shape, axes)
     gamma = _per_channel(gamma, "gamma", cshape)
     beta = _per_channel(beta, "beta", cshape)
     running_mean, running_var = _running_pair(running_mean, running_var, cshape, training=True)

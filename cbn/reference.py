@@ -110,9 +110,7 @@ def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_a
         raise ValueError(f"x must have at least 2 dimensions when training, got {x.ndim}")
     axes = _args.channel_axes(channel_axis, x.ndim)
     cshape = _args.channel_shape(x.shape, axes)
-    m = _args.values_per_channel(x.shape, axes)
-    if m <= 1:
-        raise ValueError(f"expected more than 1 value per channel when training, got input of shape {x.shape}")
+    m = _args.training_count(x.shape, axes)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
     if (running_mean is None) != (running_var is None):

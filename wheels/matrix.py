@@ -21,8 +21,9 @@ import subprocess
 import sys
 import tarfile
 import time
-import tomllib
 import xml.etree.ElementTree as ET
+
+import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WORK = ROOT / "build" / "matrix"
@@ -84,7 +85,8 @@ def build_sdist(tools):
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     missing = [m for m in SDIST_MUST_HOLD if m not in names]
-    print(f"  {'ok  ' if not missing else 'FAIL'} sdist holds what a build needs" + (f": missing {missing}" if missing else ""))
+    verdict = "ok   sdist holds what a build needs" if not missing else f"FAIL sdist lacks {missing}"
+    print(f"  {verdict}")
     return None if missing else sdist
 
 
