@@ -6,6 +6,8 @@ per-channel arrays are contiguous float64.  Outputs are written in place.
 import numpy as np
 import numpy.typing as npt
 
+__test__: dict[str, str]  # Cython's docstring-test table
+
 _Bulk = npt.NDArray[np.float32] | npt.NDArray[np.float64]
 _Channels = npt.NDArray[np.float64]
 
@@ -46,3 +48,4 @@ def backward_reduce(dy: _Bulk, x: _Bulk, mean: _Channels, sum_dy: _Channels, sum
 def backward_elemt(dy: _Bulk, x: _Bulk, dx: _Bulk, coef: _Channels) -> None: ...
 def max_threads() -> int: ...
 def openmp_info() -> tuple[int, str]: ...
+def in_forked_child() -> bool: ...

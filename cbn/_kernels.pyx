@@ -27,6 +27,8 @@ contiguous runs are C (``src_c/cbn_loops_t.h``), built per instruction set.
 Each parallel loop is a thin ``prange`` over a ``nogil`` task function,
 with a plain loop instead when one thread will do (small arrays).
 """
+import os
+
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.math cimport sqrt
@@ -195,9 +197,30 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
 
 
 cdef int n_threads(Py_ssize_t nbytes, Py_ssize_t n_tasks) noexcept nogil:
-    if nbytes < SERIAL_BYTES or n_tasks < 2:
+    if forked_child or nbytes < SERIAL_BYTES or n_tasks < 2:
         return 1
     return <int>min(<Py_ssize_t>omp_get_max_threads(), n_tasks)
+
+
+# In a child forked after the parent ran OpenMP threads, GNU libgomp's thread
+# pool is gone and its next parallel region would hang; the child runs every
+# kernel on its own thread instead (one thread takes the plain loops, never
+# entering OpenMP).  Results are the same bits: cuts do not depend on threads.
+cdef bint forked_child = False
+
+
+def _after_fork_in_child():
+    global forked_child
+    forked_child = True
+
+
+def in_forked_child():
+    """True in a process forked from one that imported cbn: kernels run on one thread."""
+    return bool(forked_child)
+
+
+if hasattr(os, "register_at_fork"):  # POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 # Task bounds come back as structs assigned per iteration, which Cython makes

@@ -103,7 +103,7 @@ static inline double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * 
     switch (act) {                                                                                  \
     case CBN_RELU:                                                                                  \
         for (ptrdiff_t i = 0; i < (n); i++)                                                         \
-            V = V > 0 ? V : (CBN_T)0;                                                               \
+            V = V < 0 ? (CBN_T)0 : V; /* NaN stays NaN, as max(z, 0) in the reference */          \
         break;                                                                                      \
     case CBN_LEAKY_RELU:                                                                            \
         for (ptrdiff_t i = 0; i < (n); i++)                                                         \

@@ -60,7 +60,7 @@ __device__ __forceinline__ double cbn_tanh(double v) { return tanh(v); }
 template <typename W> __device__ __forceinline__ W cbn_activate(W z, int act, W slope)
 {
     switch (act) {
-    case ACT_RELU: return z > W(0) ? z : W(0);
+    case ACT_RELU: return z < W(0) ? W(0) : z;  // NaN stays NaN, as in the CPU kernels
     case ACT_LEAKY_RELU: return z > W(0) ? z : z * slope;
     case ACT_SIGMOID: return W(1) / (W(1) + cbn_exp(-z));
     case ACT_TANH: return cbn_tanh(z);
