@@ -114,7 +114,7 @@ def _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, cha
     if running_mean is not None:
         _compute.update_running(running_mean, running_var, mean, var, count, momentum)
     if out_mean is None and out_invstd is None:  # one conversion for both
-        mean, _, invstd = _deliver(stats, None, work)
+        mean, invstd = _deliver(stats[0::2], None, work)  # not the variance: it may overflow float32
     return (
         _deliver(y, out_y, result),
         _deliver(mean, out_mean, work),
@@ -286,7 +286,7 @@ def batch_norm_forward(
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0], act)
         if fast is not None:
             y, stats = fast
-            mean, _, invstd = stats.astype(y.dtype, copy=False)
+            mean, invstd = stats[0::2].astype(y.dtype, copy=False)  # not the variance: it may overflow float32
             return y, mean, invstd
     labels = _args.out_labels(_FORWARD_OUTPUTS)
     return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, (outs, labels))

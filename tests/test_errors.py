@@ -19,6 +19,8 @@ BAD_CALLS = [
     (lambda f: f.batch_norm(np.array([["a", "b"], ["c", "d"]])), TypeError, "x has string"),
     (lambda f: f.batch_norm(np.array([[object(), 1]], dtype=object)), TypeError, "x has object"),
     (lambda f: f.batch_norm([[1.0, 2.0], [3.0]]), TypeError, "x could not be converted"),
+    (lambda f: f.batch_norm(np.zeros((4, 3), dtype=[("a", "f4")])), TypeError, "x has structured"),
+    (lambda f: f.batch_norm(np.zeros((4, 3), dtype="M8[s]")), TypeError, "x has datetime"),
     (lambda f: f.batch_norm(np.ones(5)), ValueError, "at least 2 dimensions"),
     (lambda f: f.batch_norm(np.float32(3.0)), ValueError, "at least 2 dimensions"),
     (lambda f: f.batch_norm(np.ones((1, 3))), ValueError, "more than 1 value per channel"),

@@ -1,4 +1,5 @@
 """Threads, fork, interrupted callers, 64-bit indexing and memory: cbn stays correct and usable."""
+import _thread
 import concurrent.futures
 import gc
 import multiprocessing
@@ -118,6 +119,19 @@ def test_an_exception_in_another_thread_leaves_cbn_working(rng):
     np.testing.assert_array_equal(cbn.batch_norm(x), expected)
 
 
+def test_a_keyboard_interrupt_between_calls_leaves_cbn_working(rng):
+    x = rng.standard_normal(BIG).astype(np.float32)
+    expected = cbn.batch_norm_forward(x)
+    timer = threading.Timer(0.05, _thread.interrupt_main)  # Ctrl-C while the main thread is busy in cbn
+    timer.start()
+    with pytest.raises(KeyboardInterrupt):
+        for _ in range(100_000):
+            cbn.batch_norm_forward(x)
+    timer.join()
+    for got, want in zip(cbn.batch_norm_forward(x), expected):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_more_than_2_31_values_in_one_channel_use_64_bit_indexing():
     # 3 distinct values repeated through a zero-stride axis: 2**31 + 21 values per channel, no memory
     base = np.array([1.0, 2.0, 6.0], dtype=np.float32)
@@ -189,3 +203,55 @@ def test_nan_and_inf_stay_in_their_channel_and_through_every_activation():
         y = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False, activation=activation)
         assert np.isnan(y[2, 1, 3])  # inference: only the element itself
         assert np.isfinite(np.delete(y.reshape(-1), [2 * 12 + 1 * 4 + 3, 4 * 12 + 2 * 4])).all()
+
+
+# --------------------------------------------------------------------------
+# Adversarial numbers, forward and gradient, against float64 on the same inputs
+
+
+def _reference64(x, dy, gamma, eps=1e-5):
+    """The float64 reference of forward and backward on x's own values."""
+    from cbn import reference
+
+    x64, dy64 = x.astype(np.float64), dy.astype(np.float64)
+    y, mean, invstd = reference.batch_norm_forward(x64, gamma, eps=eps)
+    return y, reference.batch_norm_backward(dy64, x64, mean, invstd, gamma)
+
+
+@pytest.mark.parametrize("case", ["offset 1e4", "scale 1e30", "scale 1e-30", "tiny variance, eps 1e-12"])
+def test_forward_and_gradient_stay_accurate_on_adversarial_float32(case, rng):
+    shape, eps = (16, 3, 9, 9), 1e-5
+    base = rng.standard_normal(shape)
+    x = {"offset 1e4": 1e4 + base, "scale 1e30": 1e30 * base, "scale 1e-30": 1e-30 * base,
+         "tiny variance, eps 1e-12": 1.0 + 1e-3 * base}[case].astype(np.float32)
+    if case.startswith("tiny"):
+        eps = 1e-12
+    dy = rng.standard_normal(shape).astype(np.float32)
+    gamma = np.array([0.5, 1.0, 2.0])
+    # float64 statistics (out=), as a float32 mean near 1e4 is off by up to half an ulp (5e-4 of sigma) and the
+    # gradient at a rounded mean is off by as much (the same holds for PyTorch's saved statistics)
+    mean, invstd = np.empty(3), np.empty(3)
+    y, _, _ = cbn.batch_norm_forward(x, gamma, eps=eps, out=(None, mean, invstd))
+    dx, dgamma, dbeta = cbn.batch_norm_backward(dy, x, mean, invstd, gamma)
+    y_ref, (dx_ref, dgamma_ref, dbeta_ref) = _reference64(x, dy, gamma, eps)
+    assert np.isfinite(mean).all() and np.isfinite(invstd).all()
+    np.testing.assert_allclose(y, y_ref, atol=2e-5 * np.abs(y_ref).max())
+    unit = invstd.max()  # dx scales with invstd (1e30 and 1e-30 here): compare in its unit
+    np.testing.assert_allclose(dx / unit, dx_ref / unit, atol=5e-5 * np.abs(dx_ref / unit).max())
+    np.testing.assert_allclose(dgamma, dgamma_ref, rtol=1e-4, atol=1e-4 * np.abs(dgamma_ref).max())
+    np.testing.assert_allclose(dbeta, dbeta_ref, rtol=1e-5, atol=1e-5 * np.abs(dbeta_ref).max())
+
+
+def test_float16_results_beyond_its_range_are_inf_as_numpy_casts(rng):
+    x = rng.standard_normal((64, 2, 8)).astype(np.float16)
+    gamma = np.array([1.0, 3e4])  # the second channel's y exceeds float16's 65504
+    with pytest.warns(RuntimeWarning, match="overflow"):  # as NumPy warns when a cast overflows
+        y = cbn.batch_norm(x, gamma)
+    y_ref = cbn.reference.batch_norm(x.astype(np.float64), gamma)
+    with np.errstate(over="ignore"):
+        expected = y_ref.astype(np.float16)
+    assert y.dtype == np.float16
+    np.testing.assert_array_equal(np.isinf(y), np.isinf(expected))
+    assert np.isinf(y[:, 1]).any() and np.isfinite(y[:, 0]).all()
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(y[finite].astype(np.float64), expected[finite].astype(np.float64), rtol=2e-3)
