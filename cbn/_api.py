@@ -355,13 +355,7 @@ def batch_norm_backward(
     labels = _args.out_labels(_BACKWARD_OUTPUTS)
     dy = _bulk_input(dy, "dy")
     x = _bulk_input(x, "x")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    cshape = _args.channel_shape(x.shape, axes)
-    count = _args.values_per_channel(x.shape, axes)
+    axes, cshape, count = _args.gradient_axes(dy.shape, x.shape, channel_axis)
     mean = _args.per_channel(mean, "mean", cshape)
     invstd = _args.per_channel(invstd, "invstd", cshape)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
@@ -416,13 +410,7 @@ def batch_stats(x, *, channel_axis=1):
     if _on_gpu(x):
         return _gpu().batch_stats(x, channel_axis)
     x = _bulk_input(x, "x")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    cshape = _args.channel_shape(x.shape, axes)
-    count = _args.values_per_channel(x.shape, axes)
-    if count == 0:
-        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    axes, cshape, count = _args.stats_axes(x.shape, channel_axis)
     work = _args.compute_dtype(_args.result_dtype(x))
     mean, m2 = _compute.channel_stats(_as_compute(x, work), axes, cshape)
     return mean.astype(work), (m2 / count).astype(work)

@@ -109,6 +109,27 @@ def running_stat(value, name, cshape):
     return value
 
 
+def stats_axes(shape, channel_axis):
+    """(axes, channel shape, values per channel) of a statistics call, which needs a value per channel."""
+    if len(shape) < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = channel_axes(channel_axis, len(shape))
+    count = values_per_channel(shape, axes)
+    if count == 0:
+        raise ValueError(f"x has no values per channel (shape {shape}); statistics are undefined")
+    return axes, channel_shape(shape, axes), count
+
+
+def gradient_axes(dy_shape, shape, channel_axis):
+    """(axes, channel shape, values per channel) of a gradient call: dy shaped like x."""
+    if dy_shape != shape:
+        raise ValueError(f"dy and x must have the same shape, got {dy_shape} and {shape}")
+    if len(shape) < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = channel_axes(channel_axis, len(shape))
+    return axes, channel_shape(shape, axes), values_per_channel(shape, axes)
+
+
 def training_count(shape, axes):
     """Values per channel, of which training needs more than one."""
     count = values_per_channel(shape, axes)

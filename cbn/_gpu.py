@@ -379,12 +379,7 @@ def backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs, labels):
     _require_cupy(named, _first_cupy(named))
     _check_dtype(dy, "dy")
     _check_dtype(x, "x")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    cshape = _args.channel_shape(x.shape, axes)
+    axes, cshape, _ = _args.gradient_axes(dy.shape, x.shape, channel_axis)
     mean = _per_channel(mean, "mean", cshape)
     invstd = _per_channel(invstd, "invstd", cshape)
     gamma = _per_channel(gamma, "gamma", cshape)
@@ -417,13 +412,7 @@ def backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs, labels):
 def batch_stats(x, channel_axis):
     """Per-channel mean and biased variance on the GPU."""
     _check_dtype(x, "x")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    cshape = _args.channel_shape(x.shape, axes)
-    count = _args.values_per_channel(x.shape, axes)
-    if count == 0:
-        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    axes, cshape, _ = _args.stats_axes(x.shape, channel_axis)
     result = _args.result_dtype(x)
     work = _args.compute_dtype(result)
     with x.device:

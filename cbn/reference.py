@@ -71,11 +71,7 @@ def _stats64(t, axes):
 def batch_stats(x, *, channel_axis=1):
     """Per-channel mean and biased variance (see :func:`cbn.batch_stats`)."""
     x = _args.as_real_array(x, "x")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    if _args.values_per_channel(x.shape, axes) == 0:
-        raise ValueError(f"x has no values per channel (shape {x.shape}); statistics are undefined")
+    axes, _, _ = _args.stats_axes(x.shape, channel_axis)
     work = _args.compute_dtype(_args.result_dtype(x))
     mean, var = _stats64(_channels_last(x, axes), axes)
     return mean.astype(work), var.astype(work)
@@ -195,13 +191,7 @@ def batch_norm_backward(
     labels = _args.out_labels(names)
     dy = _args.as_real_array(dy, "dy")
     x = _args.as_real_array(x, "x")
-    if dy.shape != x.shape:
-        raise ValueError(f"dy and x must have the same shape, got {dy.shape} and {x.shape}")
-    if x.ndim < 1:
-        raise ValueError("x must have at least 1 dimension")
-    axes = _args.channel_axes(channel_axis, x.ndim)
-    cshape = _args.channel_shape(x.shape, axes)
-    m = _args.values_per_channel(x.shape, axes)
+    axes, cshape, m = _args.gradient_axes(dy.shape, x.shape, channel_axis)
     mean = _args.per_channel(mean, "mean", cshape)
     invstd = _args.per_channel(invstd, "invstd", cshape)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
