@@ -265,6 +265,10 @@ def test_nan_stays_in_its_channel(rng):
     y = host(cbn.batch_norm(gpu(x)))
     assert np.isnan(y[:, 1]).all()
     assert np.isfinite(y[:, [0, 2]]).all()
+    for activation in ACTIVATIONS:  # inference: only the element itself, through every activation (relu too)
+        y = host(cbn.batch_norm(gpu(x), running_mean=cupy.zeros(3), running_var=cupy.ones(3), training=False,
+                                activation=activation))
+        assert np.isnan(y[2, 1, 5]) and np.isnan(y).sum() == 1, activation
 
 
 # --------------------------------------------------------------------------
