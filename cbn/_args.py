@@ -96,15 +96,21 @@ def per_channel(value, name, cshape):
     return np.ascontiguousarray(arr, dtype=np.float64)
 
 
-def running_stat(value, name, cshape):
-    """A running statistic updated in place: a writeable float ndarray."""
-    if not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a numpy.ndarray (it is updated in place), got {type(value).__name__}")
+def _writeable(arr):
+    """False for a read-only NumPy array; CuPy arrays have no such flag and are always writeable."""
+    return getattr(arr.flags, "writeable", True)
+
+
+def running_stat(value, name, cshape, array_type=np.ndarray):
+    """A running statistic updated in place: a writeable float array of ``array_type``."""
+    if not isinstance(value, array_type):
+        kind = f"{array_type.__module__.split('.')[0]}.{array_type.__name__}"
+        raise TypeError(f"{name} must be a {kind} (it is updated in place), got {type(value).__name__}")
     if value.dtype.kind != "f" or value.dtype.itemsize > 8:
         raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {value.dtype}")
     if value.shape != cshape:
         raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
-    if not value.flags.writeable:
+    if not _writeable(value):
         raise ValueError(f"{name} is read-only; it is updated in place in training")
     return value
 
@@ -218,6 +224,6 @@ def check_out(arr, label, shape, dtype):
         raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
     if not np.can_cast(dtype, arr.dtype, casting="same_kind"):
         raise TypeError(f"{label} has dtype {arr.dtype}, which cannot hold the {dtype} result")
-    if not arr.flags.writeable:
+    if not _writeable(arr):
         raise ValueError(f"{label} is read-only")
     return arr

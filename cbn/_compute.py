@@ -130,7 +130,7 @@ def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum):
-    """PyTorch's update: r = (1 - momentum) r + momentum b, variance unbiased."""
+    """PyTorch's update: r = (1 - momentum) r + momentum b, variance unbiased (NumPy or CuPy arrays)."""
     unbiased = var * (count / (count - 1))
     running_mean[...] = (1.0 - momentum) * running_mean.astype(np.float64) + momentum * mean
     running_var[...] = (1.0 - momentum) * running_var.astype(np.float64) + momentum * unbiased

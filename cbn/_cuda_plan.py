@@ -18,12 +18,8 @@ MIN_PER_THREAD = 4  # values per thread below which a reduction stops splitting 
 ROWS_PER_THREAD = 8  # cbn_normalize's batch of loads in flight per thread
 COLS_BLOCK = (32, 8)  # cbn_reduce_cols' block shape (fixed in the kernel)
 
-# element type of the kernels -> (C++ name of T, C++ name of its work type W)
-CUDA_TYPES = {
-    np.dtype(np.float16): ("cbn_half", "float"),
-    np.dtype(np.float32): ("float", "float"),
-    np.dtype(np.float64): ("double", "double"),
-}
+# element type of the kernels -> its C++ name (T in the .cu file)
+CUDA_TYPES = {np.dtype(np.float16): "cbn_half", np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 
 
 # cbn_train_channel / cbn_backward_channel: values per thread held in registers, per element type
@@ -34,7 +30,7 @@ SMALL_ARRAY = 1 << 20  # values: below this, a channel's layout need not be coal
 
 def name_expressions(dtype):
     """The kernel template instances cbn uses for arrays of ``dtype``."""
-    t, w = CUDA_TYPES[np.dtype(dtype)]
+    t = CUDA_TYPES[np.dtype(dtype)]
     vals = CHANNEL_VALUES[np.dtype(dtype)]
     return [
         f"cbn_train_channel<{t}, {vals}>",

@@ -20,6 +20,7 @@ import numpy as np
 
 from . import _args
 from . import _cuda_plan as plan
+from ._compute import update_running
 
 _SOURCE = Path(__file__).with_name("cuda") / "batch_norm.cu"
 _F64 = np.dtype(np.float64)
@@ -53,7 +54,7 @@ class _Launcher:
 
     def __init__(self, device_id, dtype):
         self.dtype = dtype
-        self.t, _ = plan.CUDA_TYPES[dtype]
+        self.t = plan.CUDA_TYPES[dtype]
         self.vals = plan.CHANNEL_VALUES[dtype]
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
@@ -204,30 +205,14 @@ def _per_channel(value, name, cshape):
     return cupy.ascontiguousarray(value, dtype=_F64)  # integers, bools
 
 
-def _running_stat(value, name, cshape):
-    if value.dtype.kind != "f" or value.dtype.itemsize > 8:
-        raise TypeError(f"{name} must have a float16, float32 or float64 dtype, got {value.dtype}")
-    if value.shape != cshape:
-        raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
-    return value
-
-
 def _running_pair(running_mean, running_var, cshape, training):
-    return _args.running_pair(running_mean, running_var, cshape, training, _running_stat, _per_channel)
+    running_stat = functools.partial(_args.running_stat, array_type=cupy.ndarray)
+    return _args.running_pair(running_mean, running_var, cshape, training, running_stat, _per_channel)
 
 
 def outputs(out, names, func):
     """``out=`` split per output, as ``cbn._args.outputs``, each entry a cupy.ndarray or None."""
     return _args.outputs(out, names, func, array_type=cupy.ndarray)
-
-
-def _check_out(arr, label, shape, dtype):
-    if arr is None:
-        return
-    if arr.shape != shape:
-        raise ValueError(f"{label} must have shape {shape}, got {arr.shape}")
-    if not np.can_cast(dtype, arr.dtype, casting="same_kind"):
-        raise TypeError(f"{label} has dtype {arr.dtype}, which cannot hold the {dtype} result")
 
 
 # --------------------------------------------------------------------------
@@ -322,9 +307,9 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
     result = _args.result_dtype(x)
     work = _args.compute_dtype(result)
     out_y, out_mean, out_invstd = outs
-    _check_out(out_y, labels[0], x.shape, result)
-    _check_out(out_mean, labels[1], cshape, work)
-    _check_out(out_invstd, labels[2], cshape, work)
+    _args.check_out(out_y, labels[0], x.shape, result)
+    _args.check_out(out_mean, labels[1], cshape, work)
+    _args.check_out(out_invstd, labels[2], cshape, work)
 
     with x.device:
         layout = _Layout([x], axes)
@@ -335,10 +320,9 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
             stats, stats_w = cupy.zeros((3, C), dtype=_F64), cupy.zeros((3, C), dtype=work)
         else:
             stats, stats_w = _launcher_for(result).train(xk, y, eps, gamma, beta, layout.view, act)
-        if running_mean is not None:
-            mean, unbiased = stats[0].reshape(cshape), stats[2].reshape(cshape) * (count / (count - 1))
-            for running, batch in ((running_mean, mean), (running_var, unbiased)):  # as cbn._compute.update_running
-                cupy.copyto(running, (1.0 - momentum) * running.astype(_F64) + momentum * batch, casting="same_kind")
+        if running_mean is not None:  # the CPU path's update, on CuPy arrays
+            update_running(running_mean, running_var, stats[0].reshape(cshape), stats[2].reshape(cshape), count,
+                           momentum)
         return (
             layout.deliver(y, out_y),
             _deliver_channel(stats[0], stats_w[0], out_mean, cshape),
@@ -361,7 +345,7 @@ def inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_
     _args.scalar(momentum, "momentum", 0.0, 1.0)
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)
-    _check_out(out_y, "out", x.shape, result)
+    _args.check_out(out_y, "out", x.shape, result)
 
     with x.device:
         layout = _Layout([x], axes)
@@ -387,9 +371,9 @@ def backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs, labels):
     result = _args.result_dtype(dy, x)
     work = _args.compute_dtype(result)
     out_dx, out_dgamma, out_dbeta = outs
-    _check_out(out_dx, labels[0], x.shape, result)
-    _check_out(out_dgamma, labels[1], cshape, work)
-    _check_out(out_dbeta, labels[2], cshape, work)
+    _args.check_out(out_dx, labels[0], x.shape, result)
+    _args.check_out(out_dgamma, labels[1], cshape, work)
+    _args.check_out(out_dbeta, labels[2], cshape, work)
 
     with x.device:
         layout = _Layout([dy, x], axes)

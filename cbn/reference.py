@@ -109,11 +109,7 @@ def _forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_a
     m = _args.training_count(x.shape, axes)
     gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
     beta = np.zeros(cshape) if beta is None else _args.per_channel(beta, "beta", cshape)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
-        _args.running_stat(running_mean, "running_mean", cshape)
-        _args.running_stat(running_var, "running_var", cshape)
+    _args.running_pair(running_mean, running_var, cshape, training=True)
     momentum = _args.scalar(momentum, "momentum", 0.0, 1.0)
     eps = _args.scalar(eps, "eps", 0.0, np.inf)
     result = _args.result_dtype(x)

@@ -6,6 +6,7 @@ import multiprocessing
 import os
 import sys
 import threading
+import time
 import tracemalloc
 
 import numpy as np
@@ -46,7 +47,10 @@ def test_eight_python_threads_give_the_serial_bits(rng):
 
 
 def test_the_kernels_release_the_gil():
-    x = np.random.default_rng(0).standard_normal((64, 64, 64, 32)).astype(np.float32)  # 33 MB
+    # one long call (2**28 values through a zero-stride view: no memory): a thread that holds the GIL across it
+    # would let the ticker run only before and after, a kernel that releases it lets it tick throughout
+    base = np.arange(16, dtype=np.float32)
+    x = np.lib.stride_tricks.as_strided(base, shape=(2**24, 1, 16), strides=(0, 0, 4), writeable=False)
     ticks = []
     stop = threading.Event()
 
@@ -59,13 +63,15 @@ def test_the_kernels_release_the_gil():
     ticker.start()
     try:
         before = len(ticks)
-        for _ in range(5):
-            cbn.batch_stats(x)
+        start = time.perf_counter()
+        cbn.batch_stats(x)
+        seconds = time.perf_counter() - start
         during = len(ticks) - before
     finally:
         stop.set()
         ticker.join()
-    assert during > 0  # the other thread ran while the kernels did
+    assert seconds > 0.02  # long enough to tell
+    assert during >= 5, (during, seconds)
 
 
 def _child_result(queue, x):
