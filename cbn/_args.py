@@ -126,6 +126,82 @@ def stats_axes(shape, channel_axis):
     return axes, channel_shape(shape, axes), count
 
 
+def partial_axes(shape, channel_axis):
+    """(axes, channel shape, values per channel) of a piece of a batch, which may hold no values."""
+    if len(shape) < 1:
+        raise ValueError("x must have at least 1 dimension")
+    axes = channel_axes(channel_axis, len(shape))
+    return axes, channel_shape(shape, axes), values_per_channel(shape, axes)
+
+
+def counts(value, name="counts"):
+    """Counts of values as int64, rejecting negative or fractional ones."""
+    arr = as_real_array(value, name)
+    if arr.dtype.kind == "f" and not np.all(np.isfinite(arr) & (arr == np.round(arr))):
+        raise ValueError(f"{name} must be whole numbers")
+    if np.any(arr < 0):
+        raise ValueError(f"{name} must be >= 0")
+    return arr.astype(np.int64)
+
+
+def partials(counts_, means, m2s):
+    """Pieces' statistics for merging: (counts int64, means, m2s), each stacked along a first axis
+    of one entry per piece and broadcast to one shape, and the total count (int64, a scalar when
+    every piece's count is one)."""
+    pieces = []
+    for v in (counts_, means, m2s):
+        if not (isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.ndim)):
+            raise TypeError("counts, means and m2s must each be a sequence with one entry per piece")
+        pieces.append(len(v))
+    if len(set(pieces)) != 1:
+        raise ValueError(f"counts, means and m2s must have one entry per piece each, got {pieces[0]}, "
+                         f"{pieces[1]} and {pieces[2]} entries")
+    if pieces[0] == 0:
+        raise ValueError("combine_stats needs at least one partial")
+    shapes = {np.shape(m) for v in (means, m2s) for m in v}
+    if len(shapes) != 1:
+        raise ValueError(f"every piece's mean and m2 must have the same shape, got shapes {sorted(shapes)}")
+    mean_i = as_real_array(means, "means").astype(np.float64)
+    m2_i = as_real_array(m2s, "m2s").astype(np.float64)
+    n_given = n_i = counts(counts_)
+    scalar_counts = n_i.ndim == 1
+    try:
+        n_i = np.broadcast_to(n_i.reshape(n_i.shape + (1,) * (mean_i.ndim - 1)) if scalar_counts else n_i,
+                              mean_i.shape)
+    except ValueError:
+        raise ValueError(f"counts of shape {n_i.shape[1:]} per piece do not broadcast against means of shape "
+                         f"{mean_i.shape[1:]}") from None
+    total = np.int64(n_given.sum()) if scalar_counts else n_i.sum(axis=0)
+    return n_i, mean_i, m2_i, total
+
+
+def batch_count(count, cshape):
+    """The whole batch's values per channel (> 0), as float64 of shape ``cshape``."""
+    n = counts(count, "count")
+    if np.any(n <= 0):
+        raise ValueError(f"count must be positive (values per channel in the whole batch), got {count!r}")
+    try:
+        return np.broadcast_to(n, cshape).astype(np.float64)
+    except ValueError:
+        raise ValueError(f"count must be an int or broadcast to shape {cshape}, got shape {n.shape}") from None
+
+
+def finalize_args(count, mean, m2, ddof):
+    """Checked (count int64, mean, m2 float64, ddof) of merged statistics, every count above ddof."""
+    try:
+        ddof = operator.index(ddof)
+    except TypeError:
+        raise TypeError(f"ddof must be an int, got {ddof!r}") from None
+    n = counts(count, "count")
+    mean = as_real_array(mean, "mean").astype(np.float64)
+    m2 = as_real_array(m2, "m2").astype(np.float64)
+    if mean.shape != m2.shape:
+        raise ValueError(f"mean and m2 must have the same shape, got {mean.shape} and {m2.shape}")
+    if np.any(n <= ddof):
+        raise ValueError(f"count must be greater than ddof={ddof} for every channel, got {np.min(n)}")
+    return n, mean, m2, ddof
+
+
 def gradient_axes(dy_shape, shape, channel_axis):
     """(axes, channel shape, values per channel) of a gradient call: dy shaped like x."""
     if dy_shape != shape:

@@ -114,19 +114,36 @@ def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
         for c, (dyb, xb, dxb) in layout.blocks():
             _kernels.backward(dyb, xb, dxb, params[c], sums[c])
         return from_blocks(sums, cshape)
+    sums = grad_sums(dy, x, axes, cshape, mean)
+    grad_elemt(dy, x, dx, axes, mean, sums[0] / count, invstd * invstd * sums[1] / count, gamma * invstd)
+    return sums
+
+
+def grad_sums(dy, x, axes, cshape, mean):
+    """float64 (2, *cshape): sum(dy), sum(dy * (x - mean)) per channel, blocks added in a fixed order."""
+    sums = np.zeros((2, *cshape))
+    if x.size == 0:
+        return sums
+    layout = plan([dy, x], axes)
+    grid = layout.channel_grid
     mean_g = mean.reshape(grid)
-    sum_dy, sum_dy_xmu = np.zeros(grid), np.zeros(grid)
+    sum_dy, sum_dy_xmu = sums[0].reshape(grid), sums[1].reshape(grid)
     block_dy, block_dy_xmu = np.empty(grid[-1]), np.empty(grid[-1])
-    for c, (dyb, xb, _) in layout.blocks():
+    for c, (dyb, xb) in layout.blocks():
         _kernels.backward_reduce(dyb, xb, mean_g[c], block_dy, block_dy_xmu)
         sum_dy[c] += block_dy
         sum_dy_xmu[c] += block_dy_xmu
-    invstd_g = invstd.reshape(grid)
-    coef = [mean_g, sum_dy / count, invstd_g * invstd_g * sum_dy_xmu / count, (gamma * invstd).reshape(grid)]
-    coef = per_block(coef, grid)
+    return sums
+
+
+def grad_elemt(dy, x, dx, axes, mean, dy_mean, c_xmu, k_dy):
+    """dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy with float64 per-channel coefficients."""
+    if x.size == 0:
+        return
+    layout = plan([dy, x, dx], axes)
+    coef = per_block([mean, dy_mean, c_xmu, k_dy], layout.channel_grid)
     for c, (dyb, xb, dxb) in layout.blocks():
         _kernels.backward_elemt(dyb, xb, dxb, coef[c])
-    return np.stack([sum_dy.reshape(cshape), sum_dy_xmu.reshape(cshape)])
 
 
 def update_running(running_mean, running_var, mean, var, count, momentum):

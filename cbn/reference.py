@@ -1,4 +1,4 @@
-"""The executable specification: cbn's four functions in plain NumPy.
+"""The executable specification: cbn's functions in plain NumPy.
 
 Same signatures, argument rules and result dtypes as the compiled functions
 (the checks are shared, from ``cbn._args``); the arithmetic is written out
@@ -10,7 +10,17 @@ import numpy as np
 
 from . import _args
 
-__all__ = ["batch_norm", "batch_norm_forward", "batch_norm_backward", "batch_stats"]
+__all__ = [
+    "batch_norm",
+    "batch_norm_forward",
+    "batch_norm_backward",
+    "batch_stats",
+    "batch_stats_partial",
+    "combine_stats",
+    "finalize_stats",
+    "batch_norm_backward_reduce",
+    "batch_norm_backward_elemt",
+]
 
 
 def _channels_last(x, axes):
@@ -209,3 +219,72 @@ def batch_norm_backward(
         _write(dgamma, out_dgamma, work),
         _write(dbeta, out_dbeta, work),
     )
+
+
+# --------------------------------------------------------------------------
+# Batch norm in pieces (see cbn._partials)
+
+
+def batch_stats_partial(x, *, channel_axis=1):
+    """(count, mean, m2) of one piece of a batch (see :func:`cbn.batch_stats_partial`)."""
+    x = _args.as_real_array(x, "x")
+    axes, cshape, n = _args.partial_axes(x.shape, channel_axis)
+    if n == 0 or x.size == 0:
+        return np.int64(n), np.zeros(cshape), np.zeros(cshape)
+    t = _channels_last(x, axes)
+    red = _reduced_axes(t, axes)
+    mean = t.mean(axis=red)
+    return np.int64(n), mean, ((t - mean) ** 2).sum(axis=red)
+
+
+def combine_stats(counts, means, m2s):
+    """Partials merged one after the other with Chan's update (see :func:`cbn.combine_stats`)."""
+    n_i, mean_i, m2_i, total = _args.partials(counts, means, m2s)
+    n, mean, m2 = np.zeros(mean_i.shape[1:]), np.zeros(mean_i.shape[1:]), np.zeros(mean_i.shape[1:])
+    for nb, mb, m2b in zip(n_i.astype(np.float64), mean_i, m2_i):
+        merged = n + nb
+        safe = np.where(merged > 0, merged, 1.0)
+        delta = np.where(nb > 0, mb - mean, 0.0)
+        mean = mean + delta * nb / safe
+        m2 = m2 + np.where(nb > 0, m2b, 0.0) + delta * delta * n * nb / safe
+        n = merged
+    return total, mean, m2
+
+
+def finalize_stats(count, mean, m2, *, ddof=0):
+    """Mean and ``m2 / (count - ddof)`` (see :func:`cbn.finalize_stats`)."""
+    n, mean, m2, ddof = _args.finalize_args(count, mean, m2, ddof)
+    return mean, m2 / (n - ddof)
+
+
+def _piece_gradient(dy, x, mean, channel_axis):
+    dy = _args.as_real_array(dy, "dy")
+    x = _args.as_real_array(x, "x")
+    axes, cshape, _ = _args.gradient_axes(dy.shape, x.shape, channel_axis)
+    mean = _args.per_channel(mean, "mean", cshape)
+    return dy, x, axes, cshape, mean
+
+
+def batch_norm_backward_reduce(dy, x, mean, invstd, *, channel_axis=1):
+    """sum(dy) and sum(dy * (x - mean)) per channel (see :func:`cbn.batch_norm_backward_reduce`)."""
+    dy, x, axes, cshape, mean = _piece_gradient(dy, x, mean, channel_axis)
+    _args.per_channel(invstd, "invstd", cshape)
+    g = _channels_last(dy, axes)
+    red = _reduced_axes(g, axes)
+    return g.sum(axis=red), (g * (_channels_last(x, axes) - mean)).sum(axis=red)
+
+
+def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, channel_axis=1, out=None):
+    """dx from the whole batch's sums (see :func:`cbn.batch_norm_backward_elemt`)."""
+    dy, x, axes, cshape, mean = _piece_gradient(dy, x, mean, channel_axis)
+    invstd = _args.per_channel(invstd, "invstd", cshape)
+    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
+    sum_dy = _args.per_channel(sum_dy, "sum_dy", cshape)
+    sum_dy_xmu = _args.per_channel(sum_dy_xmu, "sum_dy_xmu", cshape)
+    m = _args.batch_count(count, cshape)
+    (out_dx,) = _args.outputs(out, ("out",), "batch_norm_backward_elemt")
+    result = _args.result_dtype(dy, x)
+    _args.check_out(out_dx, "out", x.shape, result)
+    xhat = (_channels_last(x, axes) - mean) * invstd
+    dx = gamma * invstd / m * (m * _channels_last(dy, axes) - sum_dy - xhat * sum_dy_xmu * invstd)
+    return _write(_channels_back(dx, axes), out_dx, result)

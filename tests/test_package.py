@@ -69,14 +69,16 @@ def test_readme_quick_start_is_the_code_that_runs():
     assert blocks[0].strip() == source.strip()
 
 
-@pytest.mark.parametrize("module", [cbn._api, cbn._config, cbn._layer])
+@pytest.mark.parametrize("module", [cbn._api, cbn._config, cbn._layer, cbn._partials])
 def test_docstring_examples_run(module):
     failures, tried = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert tried > 0 and failures == 0
 
 
 def test_public_functions_have_numpydoc_sections():
-    for func in (cbn.batch_norm, cbn.batch_norm_forward, cbn.batch_norm_backward, cbn.batch_stats):
+    for func in (cbn.batch_norm, cbn.batch_norm_forward, cbn.batch_norm_backward, cbn.batch_stats,
+                 cbn.batch_stats_partial, cbn.combine_stats, cbn.finalize_stats, cbn.batch_norm_backward_reduce,
+                 cbn.batch_norm_backward_elemt):
         for section in ("Parameters", "Returns", "Examples"):
             assert section in func.__doc__, (func.__name__, section)
 
