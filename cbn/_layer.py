@@ -135,11 +135,7 @@ class BatchNorm:
                 batches += 1
                 momentum = 1.0 / batches if self.momentum is None else self.momentum
                 running = dict(running_mean=self.running_mean, running_var=self.running_var)
-            mean, invstd = xp.empty(self.channel_shape), xp.empty(self.channel_shape)
-            y, _, _ = batch_norm_forward(
-                x, self.weight, self.bias, momentum=momentum, eps=self.eps, channel_axis=self.channel_axis,
-                activation=self.activation, negative_slope=self.negative_slope, out=(None, mean, invstd), **running,
-            )
+            y, mean, invstd = self._forward_batch(x, momentum, running)
             self.num_batches_tracked = batches  # only once the batch went through
         else:
             y = batch_norm(
@@ -166,10 +162,7 @@ class BatchNorm:
             raise RuntimeError("backward() needs a forward() first")
         x, mean, invstd, used_batch_stats = self._saved
         if used_batch_stats:
-            dx, dgamma, dbeta = batch_norm_backward(
-                dy, x, mean, invstd, self.weight, self.bias, activation=self.activation,
-                negative_slope=self.negative_slope, channel_axis=self.channel_axis,
-            )
+            dx, dgamma, dbeta = self._backward_batch(dy, x, mean, invstd)
         else:
             dx, dgamma, dbeta = _eval_backward(
                 dy, x, mean, invstd, self.weight, self.bias, self.activation, self.negative_slope, self.channel_axis
@@ -178,6 +171,23 @@ class BatchNorm:
             self.grad_weight = dgamma.astype(self.dtype)
             self.grad_bias = dbeta.astype(self.dtype)
         return dx
+
+    def _forward_batch(self, x, momentum, running):
+        """(y, mean, invstd) normalized with x's statistics (float64), running ones updated."""
+        xp = _module_of(x)
+        mean, invstd = xp.empty(self.channel_shape), xp.empty(self.channel_shape)
+        y, _, _ = batch_norm_forward(
+            x, self.weight, self.bias, momentum=momentum, eps=self.eps, channel_axis=self.channel_axis,
+            activation=self.activation, negative_slope=self.negative_slope, out=(None, mean, invstd), **running,
+        )
+        return y, mean, invstd
+
+    def _backward_batch(self, dy, x, mean, invstd):
+        """(dx, dgamma, dbeta) of a forward that used the batch statistics."""
+        return batch_norm_backward(
+            dy, x, mean, invstd, self.weight, self.bias, activation=self.activation,
+            negative_slope=self.negative_slope, channel_axis=self.channel_axis,
+        )
 
     # -- state ------------------------------------------------------------
 

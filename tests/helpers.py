@@ -64,3 +64,14 @@ def numerical_gradient(f, value, h=1e-6):
         value[i] = saved
         grad[i] = (up - down) / (2 * h)
     return grad
+
+
+def whole_stats(x, axes):
+    """float64 mean and m2 over every axis but ``axes``."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = (axes,) if isinstance(axes, int) else axes
+    axes = tuple(a % x.ndim for a in axes)
+    moved = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
+    red = tuple(range(x.ndim - len(axes)))
+    mean = moved.mean(axis=red)
+    return mean, ((moved - mean) ** 2).sum(axis=red)

@@ -20,7 +20,8 @@ py="$venv/bin/python"
 rm -rf "$root/build" "$root"/wheels/cbn-*.whl
 "$py" -m build --wheel --outdir "$root/wheels" "$root"
 wheel=$(ls "$root"/wheels/cbn-*.whl)
-"$py" -m pip install -q "$wheel[test,demo]"
+# mpich: the MPI library for mpi4py (cbn[mpi]) where the machine has none
+"$py" -m pip install -q "$wheel[test,demo,mpi,dask]" mpich
 if [ "${CBN_TEST_TORCH:-1}" != 0 ]; then
     # the CPU build on this project's machines; elsewhere pip picks its default build
     "$py" -m pip install -q torch==2.13.0

@@ -7,14 +7,11 @@ cbn.dask rely on.
 """
 import numpy as np
 import pytest
-from helpers import LAYOUTS, make_layout, random_array
+from helpers import LAYOUTS, make_layout, random_array, whole_stats
 
 import cbn
 from cbn import reference
 from cbn._partials import merge_pair
-
-hypothesis = pytest.importorskip("hypothesis")
-st = hypothesis.strategies
 
 CASES = [  # shape, channel_axis
     ((10, 3), 1),
@@ -24,17 +21,6 @@ CASES = [  # shape, channel_axis
     ((5, 3, 2, 4), (1, 3)),
     ((5, 3, 2, 4), (3, 1)),
 ]
-
-
-def whole_stats(x, axes):
-    """float64 mean and m2 over every axis but ``axes``."""
-    x = np.asarray(x, dtype=np.float64)
-    axes = (axes,) if isinstance(axes, int) else axes
-    axes = tuple(a % x.ndim for a in axes)
-    moved = np.moveaxis(x, axes, tuple(range(-len(axes), 0)))
-    red = tuple(range(x.ndim - len(axes)))
-    mean = moved.mean(axis=red)
-    return mean, ((moved - mean) ** 2).sum(axis=red)
 
 
 @pytest.mark.parametrize("module", [cbn, reference], ids=["cbn", "reference"])
@@ -71,43 +57,6 @@ def test_empty_pieces_mean_is_ignored():
         count, mean, m2 = module.combine_stats([0, full[0]], [np.full(3, np.nan), full[1]], [np.full(3, np.nan),
                                                                                             full[2]])
         assert count == 4 and np.isfinite(mean).all() and np.isfinite(m2).all()
-
-
-@st.composite
-def splits(draw):
-    """(x, channel axis, pieces): a batch cut along one reduced axis into pieces, some empty."""
-    shape, axis = draw(st.sampled_from(CASES))
-    axes = {a % len(shape) for a in ((axis,) if isinstance(axis, int) else axis)}
-    cut_axis = draw(st.sampled_from([a for a in range(len(shape)) if a not in axes]))
-    n = shape[cut_axis]
-    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
-    offset = draw(st.sampled_from([0.0, 1e3, 1e5]))
-    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
-    dtype = draw(st.sampled_from([np.float32, np.float64]))
-    x = random_array(np.random.default_rng(draw(st.integers(0, 2**31))), shape, dtype, offset * scale, scale)
-    bounds = [0, *cuts, n]
-    pieces = [np.take(x, np.arange(lo, hi), axis=cut_axis) for lo, hi in zip(bounds[:-1], bounds[1:])]
-    return x, axis, pieces
-
-
-@hypothesis.settings(max_examples=150, deadline=None, derandomize=True, database=None)
-@hypothesis.given(splits(), st.randoms(use_true_random=False))
-def test_merged_pieces_equal_the_whole_batch(problem, random):
-    x, axis, pieces = problem
-    expected_mean, expected_m2 = whole_stats(x, axis)
-    scale = np.abs(expected_mean).max() + np.sqrt(expected_m2.max() / x.size) + 1e-300
-    parts = [cbn.batch_stats_partial(p, channel_axis=axis) for p in pieces]
-    results = []
-    for module in (cbn, reference):
-        for order in (parts, random.sample(parts, len(parts))):  # any order of the pieces
-            count, mean, m2 = module.combine_stats(*zip(*order))
-            assert count == x.size // expected_mean.size
-            np.testing.assert_allclose(mean, expected_mean, rtol=1e-12, atol=1e-14 * scale)
-            np.testing.assert_allclose(m2, expected_m2, rtol=1e-9, atol=1e-20)
-            results.append((mean, m2))
-    for mean, m2 in results[1:]:  # agree with each other up to rounding
-        np.testing.assert_allclose(mean, results[0][0], rtol=1e-13, atol=1e-14 * scale)
-        np.testing.assert_allclose(m2, results[0][1], rtol=1e-10, atol=1e-20)
 
 
 def test_merging_keeps_float32_variance_at_large_offsets():

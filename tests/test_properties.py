@@ -7,6 +7,7 @@ examples are derandomized, so CI runs the same fixed set every time.
 """
 import numpy as np
 import pytest
+from helpers import whole_stats
 
 import cbn
 from cbn import reference
@@ -138,3 +139,44 @@ def test_inference_matches_the_reference(problem, activation):
                                      activation=activation)
     finite = np.isfinite(x)  # at inference a non-finite value stays in its own element
     _check(y, y_ref, finite & np.isfinite(y_ref), x.dtype.type, scale=16.0)
+
+
+@st.composite
+def splits(draw):
+    """(x, channel axis, pieces): a batch cut along one reduced axis into pieces, some empty."""
+    ndim = draw(st.integers(2, 4))
+    shape = tuple(draw(st.lists(st.integers(1, 6), min_size=ndim, max_size=ndim)))
+    axes = tuple(draw(st.lists(st.integers(0, ndim - 1), min_size=1, max_size=min(2, ndim - 1), unique=True)))
+    axis = axes[0] if len(axes) == 1 and draw(st.booleans()) else axes
+    cut_axis = draw(st.sampled_from([a for a in range(ndim) if a not in axes]))
+    n = shape[cut_axis]
+    cuts = sorted(draw(st.lists(st.integers(0, n), max_size=4)))
+    offset = draw(st.sampled_from([0.0, 1e3, 1e5]))
+    scale = draw(st.sampled_from([1e-3, 1.0, 1e3]))
+    dtype = draw(st.sampled_from([np.float32, np.float64]))
+    noise = np.random.default_rng(draw(st.integers(0, 2**31))).standard_normal(shape)
+    x = (offset * scale + scale * noise).astype(dtype)
+    bounds = [0, *cuts, n]
+    pieces = [np.take(x, np.arange(lo, hi), axis=cut_axis) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    return x, axis, pieces
+
+
+@SETTINGS
+@given(splits(), st.randoms(use_true_random=False))
+def test_merged_pieces_equal_the_whole_batch(problem, random):
+    """cbn.combine_stats and the reference's merge, over the pieces in two orders, give the whole batch's."""
+    x, axis, pieces = problem
+    expected_mean, expected_m2 = whole_stats(x, axis)
+    scale = np.abs(expected_mean).max() + np.sqrt(expected_m2.max() / x.size) + 1e-300
+    parts = [cbn.batch_stats_partial(p, channel_axis=axis) for p in pieces]
+    results = []
+    for module in (cbn, reference):
+        for order in (parts, random.sample(parts, len(parts))):  # any order of the pieces
+            count, mean, m2 = module.combine_stats(*zip(*order))
+            assert count == x.size // expected_mean.size
+            np.testing.assert_allclose(mean, expected_mean, rtol=1e-12, atol=1e-14 * scale)
+            np.testing.assert_allclose(m2, expected_m2, rtol=1e-9, atol=1e-20)
+            results.append((mean, m2))
+    for mean, m2 in results[1:]:  # agree with each other up to rounding
+        np.testing.assert_allclose(mean, results[0][0], rtol=1e-13, atol=1e-14 * scale)
+        np.testing.assert_allclose(m2, results[0][1], rtol=1e-10, atol=1e-20)
