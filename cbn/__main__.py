@@ -1,4 +1,4 @@
-"""Command line: ``python -m cbn info | quickstart | demo [options] | bench [options]``."""
+"""Command line: ``python -m cbn info | quickstart | demo | mpi-demo | bench`` (the last three take options)."""
 import argparse
 import runpy
 import sys
@@ -12,6 +12,9 @@ def main(argv=None):
     commands.add_parser("quickstart", help="run the README's quick start")
     commands.add_parser("demo", help="the paper's Figure 1 on the digits data (demo --help)", add_help=False)
     commands.add_parser(
+        "mpi-demo", help="data-parallel training over MPI ranks (mpiexec -n N ...; mpi-demo --help)", add_help=False
+    )
+    commands.add_parser(
         "bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False
     )
     args, rest = parser.parse_known_args(argv)
@@ -20,6 +23,11 @@ def main(argv=None):
         from . import _bench
 
         _bench.main(rest)
+        return
+    if args.command == "mpi-demo":
+        from . import _mpi_demo
+
+        _mpi_demo.main(rest)
         return
     if args.command == "demo":
         from . import _demo

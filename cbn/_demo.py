@@ -41,10 +41,12 @@ def _sigmoid(z):
 class MLP:
     """Fully connected sigmoid network, optionally with batch norm before each sigmoid."""
 
-    def __init__(self, sizes, rng, batch_norm=False):
+    def __init__(self, sizes, rng, batch_norm=False, norm_layer=None):
+        """``norm_layer(n)`` makes each batch-norm layer (default ``cbn.BatchNorm(n, dtype=float64)``)."""
         self.weights = [rng.normal(0.0, 1.0 / np.sqrt(m), (m, n)) for m, n in zip(sizes[:-1], sizes[1:])]
         self.biases = [np.zeros(n) for n in sizes[1:]]
-        self.norms = [BatchNorm(n, dtype=np.float64) if batch_norm else None for n in sizes[1:-1]]
+        norm_layer = norm_layer or (lambda n: BatchNorm(n, dtype=np.float64))
+        self.norms = [norm_layer(n) if batch_norm else None for n in sizes[1:-1]]
         self.watch = None  # pre-sigmoid inputs of the last hidden layer, from the last forward
 
     def parameters(self):

@@ -26,6 +26,16 @@ def test_distributed_equals_one_process_on_the_whole_batch(ranks):
     assert f"mpi_check: {ranks} ranks OK" in run.stdout
 
 
+def test_data_parallel_demo_follows_the_single_process_loss_curve():
+    pytest.importorskip("sklearn")
+    run = subprocess.run([MPIEXEC, "-n", "3", sys.executable, "-m", "cbn", "mpi-demo", "--steps", "25"],
+                         capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rows per rank [10, 20, 30]" in run.stdout
+    worst = float(run.stdout.split("largest loss difference over 25 steps: ")[1].split()[0])
+    assert worst <= 1e-12
+
+
 def test_import_without_mpi4py_says_what_to_install():
     code = "import sys; sys.modules['mpi4py'] = None\ntry:\n    import cbn.distributed\nexcept ImportError as e:\n" \
            "    print(e)"
