@@ -1,4 +1,4 @@
-"""Command line: ``python -m cbn info | quickstart | demo | mpi-demo | bench`` (the last three take options)."""
+"""Command line: ``python -m cbn info | quickstart | demo | mpi-demo | mpi-bench | bench [options]``."""
 import argparse
 import runpy
 import sys
@@ -15,6 +15,10 @@ def main(argv=None):
         "mpi-demo", help="data-parallel training over MPI ranks (mpiexec -n N ...; mpi-demo --help)", add_help=False
     )
     commands.add_parser(
+        "mpi-bench", help="SyncBatchNorm's cost per step on N ranks (mpiexec -n N ...; mpi-bench --help)",
+        add_help=False,
+    )
+    commands.add_parser(
         "bench", help="time cbn against a copy, PyTorch and the reference (bench --help)", add_help=False
     )
     args, rest = parser.parse_known_args(argv)
@@ -28,6 +32,11 @@ def main(argv=None):
         from . import _mpi_demo
 
         _mpi_demo.main(rest)
+        return
+    if args.command == "mpi-bench":
+        from . import _mpi_bench
+
+        _mpi_bench.main(rest)
         return
     if args.command == "demo":
         from . import _demo

@@ -915,6 +915,44 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
 
 
 # ==========================================================================
+# Merging packed partials (cbn.distributed's MPI operation)
+
+def merge_packed(const double[::1] a, double[::1] b, Py_ssize_t channels):
+    """b = Chan merge of a and b, rows of packed partials [n, mean (C), m2 (C)].
+
+    Symmetric bit for bit (merging a into b or b into a gives the same
+    bits), so every rank of an MPI reduction tree ends with the same result;
+    an empty side leaves the other unchanged.
+    """
+    cdef Py_ssize_t width = 2 * channels + 1
+    cdef Py_ssize_t row, c, rows
+    cdef const double *pa
+    cdef double *pb
+    cdef double na, nb, n, w, delta
+    if a.shape[0] != b.shape[0] or a.shape[0] % width:
+        raise ValueError(f"packed partials of {channels} channels must be rows of {width} values")
+    rows = a.shape[0] // width
+    with nogil:
+        for row in range(rows):
+            pa = &a[row * width]
+            pb = &b[row * width]
+            na, nb = pa[0], pb[0]
+            if na == 0:
+                continue
+            if nb == 0:
+                for c in range(width):
+                    pb[c] = pa[c]
+                continue
+            n = na + nb
+            w = na * nb / n
+            for c in range(1, channels + 1):
+                delta = pa[c] - pb[c]
+                pb[channels + c] = (pa[channels + c] + pb[channels + c]) + delta * delta * w
+                pb[c] = (na * pa[c] + nb * pb[c]) / n
+            pb[0] = n
+
+
+# ==========================================================================
 # Runtime information
 
 def max_threads():

@@ -106,20 +106,6 @@ def combine_stats(counts, means, m2s):
     return total, mean, m2
 
 
-def merge_pair(na, ma, m2a, nb, mb, m2b):
-    """Two partials with scalar float counts merged symmetrically, for a reduction tree (MPI's).
-
-    merge_pair(a, b) and merge_pair(b, a) agree bit for bit, so every rank
-    ends with the same bits whichever side of each step it computes; an
-    empty side leaves the other unchanged.
-    """
-    if na == 0 or nb == 0:
-        return (na, ma, m2a) if nb == 0 else (nb, mb, m2b)
-    n = na + nb
-    delta = ma - mb
-    return n, (na * ma + nb * mb) / n, (m2a + m2b) + delta * delta * (na * nb / n)
-
-
 def finalize_stats(count, mean, m2, *, ddof=0):
     """Mean and variance ``m2 / (count - ddof)`` of merged statistics.
 

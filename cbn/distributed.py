@@ -16,11 +16,11 @@ import functools
 
 import numpy as np
 
-from . import _args, _compute
+from . import _args, _compute, _kernels
 from ._api import _as_compute, _bulk_input, batch_norm
 from ._layer import BatchNorm
 from ._layout import empty_like_layout
-from ._partials import batch_norm_backward_elemt, batch_norm_backward_reduce, batch_stats_partial, merge_pair
+from ._partials import batch_norm_backward_elemt, batch_norm_backward_reduce, batch_stats_partial
 
 try:
     from mpi4py import MPI
@@ -38,18 +38,13 @@ __all__ = ["SyncBatchNorm", "sync_batch_norm_forward", "sync_batch_norm_backward
 
 def _chan(inbuf, inoutbuf, datatype):
     """MPI reduction: Chan's merge of packed partials [n, mean (C), m2 (C)], into inoutbuf."""
-    a = np.frombuffer(inbuf, dtype=np.float64)
-    b = np.frombuffer(inoutbuf, dtype=np.float64)
-    width = datatype.Get_size() // 8  # one packed partial is one element of the datatype
-    for a_row, b_row in zip(a.reshape(-1, width), b.reshape(-1, width)):
-        C = (width - 1) // 2
-        n, mean, m2 = merge_pair(a_row[0], a_row[1:C + 1], a_row[C + 1:], b_row[0], b_row[1:C + 1], b_row[C + 1:])
-        b_row[0], b_row[1:C + 1], b_row[C + 1:] = n, mean, m2
+    channels = (datatype.Get_size() // 8 - 1) // 2  # one packed partial is one element of the datatype
+    _kernels.merge_packed(np.frombuffer(inbuf, np.float64), np.frombuffer(inoutbuf, np.float64), channels)
 
 
 @functools.lru_cache(maxsize=None)
 def _chan_op():
-    return MPI.Op.Create(_chan, commute=True)  # merge_pair is symmetric bit for bit
+    return MPI.Op.Create(_chan, commute=True)  # merge_packed is symmetric bit for bit
 
 
 @functools.lru_cache(maxsize=None)

@@ -36,6 +36,15 @@ def test_data_parallel_demo_follows_the_single_process_loss_curve():
     assert worst <= 1e-12
 
 
+def test_mpi_bench_reports_every_column():
+    run = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "cbn", "mpi-bench", "--shape", "4x8x5x5",
+                          "--repeat", "2"], capture_output=True, text=True, timeout=300, cwd=HERE)
+    assert run.returncode == 0, run.stdout + run.stderr
+    row = run.stdout.strip().splitlines()[-1].split()
+    assert row[0] == "2" and row[5] == str(17 * 8) and row[7] == str(16 * 8)  # bytes: (2C + 1) and 2C doubles
+    assert all(float(v) > 0 for v in row)
+
+
 def test_import_without_mpi4py_says_what_to_install():
     code = "import sys; sys.modules['mpi4py'] = None\ntry:\n    import cbn.distributed\nexcept ImportError as e:\n" \
            "    print(e)"

@@ -11,7 +11,7 @@ from helpers import LAYOUTS, make_layout, random_array, whole_stats
 
 import cbn
 from cbn import reference
-from cbn._partials import merge_pair
+from cbn._kernels import merge_packed
 
 CASES = [  # shape, channel_axis
     ((10, 3), 1),
@@ -83,19 +83,30 @@ def test_per_channel_counts():
         np.testing.assert_allclose(m2[1], a[:, 1].var() * 6, rtol=1e-12)
 
 
-def test_merge_pair_is_symmetric_bit_for_bit():
+def test_packed_merge_is_symmetric_bit_for_bit():
+    """cbn.distributed's MPI operation: merge(a, b) == merge(b, a) bitwise, and equal to combine_stats."""
     rng = np.random.default_rng(5)
+    C = 7
     for _ in range(200):
         na, nb = (float(n) for n in rng.integers(0, 1000, 2))
-        a = (na, rng.normal(1e4, 10, 7), rng.random(7) * na)
-        b = (nb, rng.normal(1e4, 10, 7), rng.random(7) * nb)
-        ab, ba = merge_pair(*a, *b), merge_pair(*b, *a)
-        assert ab[0] == ba[0]
-        assert np.array_equal(ab[1], ba[1]) and np.array_equal(ab[2], ba[2])
+        a = np.concatenate([[na], rng.normal(1e4, 10, C), rng.random(C) * na])
+        b = np.concatenate([[nb], rng.normal(1e4, 10, C), rng.random(C) * nb])
+        ab, ba = b.copy(), a.copy()
+        merge_packed(a, ab, C)
+        merge_packed(b, ba, C)
+        assert ab.tobytes() == ba.tobytes()
         if na and nb:
-            expected = cbn.combine_stats([int(na), int(nb)], [a[1], b[1]], [a[2], b[2]])
-            np.testing.assert_allclose(ab[1], expected[1], rtol=1e-15)
-            np.testing.assert_allclose(ab[2], expected[2], rtol=1e-12)
+            expected = cbn.combine_stats([int(na), int(nb)], [a[1:C + 1], b[1:C + 1]], [a[C + 1:], b[C + 1:]])
+            assert ab[0] == na + nb
+            np.testing.assert_allclose(ab[1:C + 1], expected[1], rtol=1e-15)
+            np.testing.assert_allclose(ab[C + 1:], expected[2], rtol=1e-12)
+        else:  # an empty side leaves the other as it was
+            assert ab.tobytes() == (b if nb else a).tobytes()
+    rows = np.concatenate([a, b]), np.concatenate([b, a])  # several partials per buffer
+    merge_packed(rows[0], rows[1], C)
+    assert rows[1][:2 * C + 1].tobytes() == ab.tobytes()
+    with pytest.raises(ValueError, match="rows of 15"):
+        merge_packed(np.zeros(14), np.zeros(14), C)
 
 
 @pytest.mark.parametrize("module", [cbn, reference], ids=["cbn", "reference"])
