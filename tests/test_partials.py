@@ -224,3 +224,12 @@ BAD_CALLS = [
 def test_bad_input(module, call, error, match):
     with pytest.raises(error, match=match):
         call(module)
+
+
+def test_cupy_arrays_get_a_clear_error():
+    """The pieces' functions are host-only for now: a CuPy array is refused by name, not converted."""
+    fake = type("ndarray", (), {"__module__": "cupy._core.core"})()
+    with pytest.raises(TypeError, match="CuPy arrays are not supported"):
+        cbn.batch_stats_partial(fake)
+    with pytest.raises(TypeError, match="CuPy arrays are not supported"):
+        cbn.batch_norm_backward_reduce(fake, np.ones((3, 2)), np.zeros(2), np.ones(2))
