@@ -369,11 +369,9 @@ def batch_norm_backward(
     dyc = _as_compute(dy, work)
     xc = _as_compute(x, work)
     dx = _bulk_target(out_dx, xc, work, [dyc, xc])
-    if act[0]:  # through the activation first: dz = dy * act'(z), into dx's buffer unless that is x
-        dz = empty_like_layout(xc, work) if np.may_share_memory(dx, xc) else dx
-        _compute.activation_grad(dyc, xc, dz, axes, mean, gamma * invstd, beta, act)
-        dyc = dz
-    sum_dy, sum_dy_xmu = _compute.backward(dyc, xc, dx, axes, cshape, count, mean, invstd, gamma)
+    if act[0] and np.may_share_memory(dx, xc):  # dz goes into dx first: it must not overwrite x
+        dx = empty_like_layout(xc, work)
+    sum_dy, sum_dy_xmu = _compute.backward(dyc, xc, dx, axes, cshape, count, mean, invstd, gamma, beta, act)
     dgamma = sum_dy_xmu * invstd
     return (
         _deliver(dx, out_dx, result),

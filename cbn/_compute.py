@@ -102,18 +102,25 @@ def activation_grad(dy, x, dz, axes, mean, scale, shift, act):
         _kernels.activation_grad(dyb, xb, dzb, mean[c], scale[c], shift[c], *act)
 
 
-def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma):
-    """Gradient into dx; returns float64 (2, *cshape): sum(dy), sum(dy * (x - mean))."""
+def backward(dy, x, dx, axes, cshape, count, mean, invstd, gamma, beta, act=(0, 0.0)):
+    """Gradient into dx (through the activation ``act``, if any); returns float64 (2, *cshape):
+    sum(dz), sum(dz * (x - mean)) with dz = dy * act'(z).
+
+    With an activation, dx must not share memory with x: dz goes there first.
+    """
     if x.size == 0:
         return np.zeros((2, *cshape))
     layout = plan([dy, x, dx], axes)
     grid = layout.channel_grid
     if layout.reduced_blocks == 1:  # the kernel does it all, fused when it fits in cache
-        params = per_block([mean, invstd, gamma], grid)
+        params = per_block([mean, invstd, gamma, beta] if act[0] else [mean, invstd, gamma], grid)
         sums = np.empty((*grid[:-1], 2, grid[-1]))
         for c, (dyb, xb, dxb) in layout.blocks():
-            _kernels.backward(dyb, xb, dxb, params[c], sums[c])
+            _kernels.backward(dyb, xb, dxb, params[c], sums[c], *act)
         return from_blocks(sums, cshape)
+    if act[0]:  # dz into dx's buffer, then the gradient of dz
+        activation_grad(dy, x, dx, axes, mean, gamma * invstd, beta, act)
+        dy = dx
     sums = grad_sums(dy, x, axes, cshape, mean)
     grad_elemt(dy, x, dx, axes, mean, sums[0] / count, invstd * invstd * sums[1] / count, gamma * invstd)
     return sums

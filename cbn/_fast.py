@@ -110,15 +110,12 @@ def backward(dy, x, mean, invstd, gamma, beta, channel_axis, out_dx, act=(0, 0.0
     dx = _target(out_dx, x, (dy, x))
     if dx is None or (act[0] and dx is x):
         return None
-    params = np.empty((3, c))
+    params = np.empty((4 if act[0] else 3, c))
     params[0] = mean
     params[1] = invstd
     params[2] = 1.0 if gamma is None else gamma
+    if act[0]:  # the kernel takes dy through the activation, z recomputed with beta
+        params[3] = 0.0 if beta is None else beta
     sums = np.empty((2, c))
-    dy3, x3, dx3 = dy.reshape(abc), x.reshape(abc), dx.reshape(abc)
-    if act[0]:  # dz = dy * act'(z) into dx's buffer, then the gradient in place
-        shift = np.zeros(c) if beta is None else beta
-        _kernels.activation_grad(dy3, x3, dx3, params[0], params[1] * params[2], shift, *act)
-        dy3 = dx3
-    _kernels.backward(dy3, x3, dx3, params, sums)
+    _kernels.backward(dy.reshape(abc), x.reshape(abc), dx.reshape(abc), params, sums, *act)
     return dx, sums, params[1]

@@ -801,10 +801,18 @@ cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, 
 
 cdef void backward_group_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
                               Py_ssize_t group, const double *mean, const double *invstd, const double *gamma,
-                              double *sum_dy, double *sum_dy_xmu, floating *p, floating *kind) noexcept nogil:
-    """Channels k*group:(k+1)*group of the fused gradient: sums over dy and x, then dx from cache."""
+                              double *sum_dy, double *sum_dy_xmu, floating *p, const floating *pa, const Act *act,
+                              floating *kind) noexcept nogil:
+    """Channels k*group:(k+1)*group of the fused gradient: sums over dy and x, then dx from cache.
+
+    With an activation, dz = dy * act'(z) goes into the group's dx block first
+    and takes dy's place, while the block is in cache.
+    """
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
     cdef Py_ssize_t c
+    if act.code:
+        group_act_grad(dy, x, dx, &t, pa + t.c0, g.C, act)
+        dy = dx
     group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
     for c in range(t.c0, t.c1):
         set_grad(p, g.C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>g.R)
@@ -813,10 +821,16 @@ cdef void backward_group_task(const View *dy, const View *x, const View *dx, con
 
 def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
              const floating[:, :, :] x,    # IN  (A, C, B)
-             floating[:, :, :] dx,         # OUT (A, C, B); may be dy or x
-             const double[:, ::1] stats,   # IN  (3, C): mean, invstd, gamma
-             double[:, ::1] sums):         # OUT (2, C): sum(dy), sum(dy * (x - mean))
-    """Training-mode gradient: per-channel sums, then dx, in as few passes as fit."""
+             floating[:, :, :] dx,         # OUT (A, C, B); may be dy, or x without an activation
+             const double[:, ::1] stats,   # IN  (3 or 4, C): mean, invstd, gamma, beta (with an activation)
+             double[:, ::1] sums,          # OUT (2, C): sum(dz), sum(dz * (x - mean))
+             int act=0, double slope=0.0):
+    """Training-mode gradient: per-channel sums, then dx, in as few passes as fit.
+
+    With an activation the gradient is taken through it first, dz = dy *
+    act'(z) with z = gamma * (x - mean) * invstd + beta recomputed from x,
+    written into dx and read back from there (so dx must not be x).
+    """
     cdef floating *kind = NULL
     cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
     cdef const double *mean
@@ -827,11 +841,15 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     cdef View dyv, xv, dxv
     cdef Grid g
     cdef floating *p
+    cdef floating *pa = NULL
     cdef double *part
     cdef Py_ssize_t c, k, group, n_groups
     cdef int nt
+    cdef Act a = Act(act, slope)
     if A * B * C == 0:
         return
+    if act and stats.shape[0] < 4:
+        raise ValueError("an activation needs beta: stats must have 4 rows")
     sums[:, :] = 0
     mean, invstd, gamma = &stats[0, 0], &stats[1, 0], &stats[2, 0]
     sum_dy, sum_dy_xmu = &sums[0, 0], &sums[1, 0]
@@ -842,6 +860,10 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     group = fused_group(&g, 2, sizeof(floating))
     p = <floating *>scratch(5 * C, sizeof(floating), False)
     try:
+        if act:
+            pa = <floating *>scratch(4 * C, sizeof(floating), False)
+            for c in range(C):
+                set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3, c])
         if group:
             # fused: a group's dy and x blocks are read once, dx computed from L2
             n_groups = (C + group - 1) // group
@@ -850,14 +872,23 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
                 if nt == 1:
                     for k in range(n_groups):
                         backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, kind)
+                                            p, pa, &a, kind)
                 else:
                     for k in prange(n_groups, num_threads=nt, schedule="static"):
                         backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, kind)
+                                            p, pa, &a, kind)
             return
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
         with nogil:
+            if act:  # dz into dx in a pass of its own, then the gradient of dz
+                nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
+                if nt == 1:
+                    for k in range(g.tasks):
+                        act_grad_task(&dyv, &xv, &dxv, &g, k, pa, &a)
+                else:
+                    for k in prange(g.tasks, num_threads=nt, schedule="static"):
+                        act_grad_task(&dyv, &xv, &dxv, &g, k, pa, &a)
+                dyv = dxv
             grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
             for c in range(C):
                 set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
@@ -865,6 +896,7 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
         free(part)
     finally:
         free(p)
+        free(pa)
 
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
