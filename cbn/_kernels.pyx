@@ -89,6 +89,16 @@ cdef extern from "cbn_loops.h" nogil:
                                                    const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
                                                    Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu,
                                                    double *sum_dy, double *sum_dy_xmu)
+    void group_act_grad_sums_f "cbn_group_act_grad_sums_f"(
+        const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const float *x, Py_ssize_t xa, Py_ssize_t xc,
+        Py_ssize_t sx, float *dz, Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
+        Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope, const double *mu, double *sum_dy,
+        double *sum_dy_xmu)
+    void group_act_grad_sums_d "cbn_group_act_grad_sums_d"(
+        const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const double *x, Py_ssize_t xa, Py_ssize_t xc,
+        Py_ssize_t sx, double *dz, Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
+        Py_ssize_t n, const double *p, Py_ssize_t ps, int act, double slope, const double *mu, double *sum_dy,
+        double *sum_dy_xmu)
     void group_grad_f "cbn_group_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const float *x,
                                          Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dx, Py_ssize_t oa,
                                          Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
@@ -107,6 +117,14 @@ cdef extern from "cbn_loops.h" nogil:
     void cols_grad_sums_d "cbn_cols_grad_sums_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x,
                                                  Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                                  const double *mu, double *sum_dy, double *sum_dy_xmu)
+    void cols_act_grad_sums_f "cbn_cols_act_grad_sums_f"(
+        const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa, Py_ssize_t sx, float *dz,
+        Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps, int act,
+        float slope, const double *mu, double *sum_dy, double *sum_dy_xmu)
+    void cols_act_grad_sums_d "cbn_cols_act_grad_sums_d"(
+        const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa, Py_ssize_t sx, double *dz,
+        Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps, int act,
+        double slope, const double *mu, double *sum_dy, double *sum_dy_xmu)
     void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
                                            Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps,
                                            int act, float slope)
@@ -331,6 +349,21 @@ cdef inline void group_grad_sums(const View *dy, const View *x, const RowTile *t
                           x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, mu, sum_dy, sum_dy_xmu)
 
 
+cdef inline void group_act_grad_sums(const View *dy, const View *x, const View *dz, const RowTile *t,
+                                     const floating *p, Py_ssize_t ps, const Act *act, const double *mu,
+                                     double *sum_dy, double *sum_dy_xmu) noexcept nogil:
+    """dz = dy * act'(z) run by run into dz, and the sums of dz as group_grad_sums."""
+    cdef floating *kind = NULL
+    if floating is float:
+        group_act_grad_sums_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
+                              x.sa, x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0,
+                              t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, <float>act.slope, mu, sum_dy, sum_dy_xmu)
+    else:
+        group_act_grad_sums_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
+                              x.sa, x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0,
+                              t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope, mu, sum_dy, sum_dy_xmu)
+
+
 cdef inline void group_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
                             Py_ssize_t ps) noexcept nogil:
     """p points at channel c0's (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), rows ps apart."""
@@ -361,6 +394,21 @@ cdef inline void cols_grad_sums(const View *dy, const View *x, const Grid *g, co
     else:
         cols_grad_sums_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind),
                          x.sa, x.sc, t.r1 - t.r0, t.c1 - t.c0, mu, sum_dy, sum_dy_xmu)
+
+
+cdef inline void cols_act_grad_sums(const View *dy, const View *x, const View *dz, const ColumnChunk *t,
+                                    const floating *p, Py_ssize_t ps, const Act *act, const double *mu,
+                                    double *sum_dy, double *sum_dy_xmu) noexcept nogil:
+    """dz = dy * act'(z) row by row into dz, and the sums of dz as cols_grad_sums."""
+    cdef floating *kind = NULL
+    if floating is float:
+        cols_act_grad_sums_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa, x.sc,
+                             chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
+                             <float>act.slope, mu, sum_dy, sum_dy_xmu)
+    else:
+        cols_act_grad_sums_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa, x.sc,
+                             chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
+                             act.slope, mu, sum_dy, sum_dy_xmu)
 
 
 cdef inline void cols_affine(const View *x, const View *y, const Grid *g, const ColumnChunk *t, const floating *p,
@@ -727,32 +775,48 @@ def activation_grad(const floating[:, :, :] dy,   # IN  (A, C, B)
 
 
 cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_t k, const double *mean,
-                         double *part_dy, double *part_dy_xmu, floating *kind) noexcept nogil:
-    """Task k's sum(dy) and sum(dy * (x - mean)) per channel into its partial slots."""
+                         double *part_dy, double *part_dy_xmu, const View *dz, const floating *pa, const Act *act,
+                         floating *kind) noexcept nogil:
+    """Task k's sum(dy) and sum(dy * (x - mean)) per channel into its partial slots.
+
+    With an activation, dy is first taken through it (pa: mu_hi, mu_lo,
+    scale, shift), into dz, and the sums are dz's.
+    """
     cdef RowTile t
     cdef ColumnChunk h
+    cdef double *s_dy
+    cdef double *s_dy_xmu
     if g.columns:
         h = column_chunk(g, k)
-        cols_grad_sums(dy, x, g, &h, &mean[h.c0], &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0], kind)
+        s_dy, s_dy_xmu = &part_dy[h.j * g.C + h.c0], &part_dy_xmu[h.j * g.C + h.c0]
+        if act.code:
+            cols_act_grad_sums(dy, x, dz, &h, pa + h.c0, g.C, act, &mean[h.c0], s_dy, s_dy_xmu)
+        else:
+            cols_grad_sums(dy, x, g, &h, &mean[h.c0], s_dy, s_dy_xmu, kind)
     else:
         t = row_tile(g, k)
-        group_grad_sums(dy, x, &t, &mean[t.c0], &part_dy[t.slot * g.C + t.c0], &part_dy_xmu[t.slot * g.C + t.c0],
-                        kind)
+        s_dy, s_dy_xmu = &part_dy[t.slot * g.C + t.c0], &part_dy_xmu[t.slot * g.C + t.c0]
+        if act.code:
+            group_act_grad_sums(dy, x, dz, &t, pa + t.c0, g.C, act, &mean[t.c0], s_dy, s_dy_xmu)
+        else:
+            group_grad_sums(dy, x, &t, &mean[t.c0], s_dy, s_dy_xmu, kind)
 
 
 cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *part_dy, const double *mean,
-                         double *sum_dy, double *sum_dy_xmu, floating *kind) noexcept nogil:
-    """Per-channel sum(dy) and sum(dy * (x - mean)), partials added in a fixed order."""
+                         double *sum_dy, double *sum_dy_xmu, const View *dz, const floating *pa, const Act *act,
+                         floating *kind) noexcept nogil:
+    """Per-channel sum(dy) and sum(dy * (x - mean)), partials added in a fixed order (through the
+    activation ``act``, into dz, as grad_sums_task)."""
     cdef Py_ssize_t k, c, j, slots = g.nr if g.columns else g.na * g.nb
     cdef int nt = n_threads(2 * g.R * g.C * sizeof(floating), g.tasks)
     cdef double *part_dy_xmu = part_dy + slots * g.C
     cdef double s_dy, s_dy_xmu
     if nt == 1:
         for k in range(g.tasks):
-            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, kind)
+            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, dz, pa, act, kind)
     else:
         for k in prange(g.tasks, num_threads=nt, schedule="static"):
-            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, kind)
+            grad_sums_task(dy, x, g, k, mean, part_dy, part_dy_xmu, dz, pa, act, kind)
     for c in range(g.C):
         s_dy = 0
         s_dy_xmu = 0
@@ -811,9 +875,10 @@ cdef void backward_group_task(const View *dy, const View *x, const View *dx, con
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
     cdef Py_ssize_t c
     if act.code:
-        group_act_grad(dy, x, dx, &t, pa + t.c0, g.C, act)
+        group_act_grad_sums(dy, x, dx, &t, pa + t.c0, g.C, act, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0])
         dy = dx
-    group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
+    else:
+        group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
     for c in range(t.c0, t.c1):
         set_grad(p, g.C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>g.R)
     group_grad(dy, x, dx, &t, p + t.c0, g.C)
@@ -880,16 +945,9 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
             return
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
         with nogil:
-            if act:  # dz into dx in a pass of its own, then the gradient of dz
-                nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
-                if nt == 1:
-                    for k in range(g.tasks):
-                        act_grad_task(&dyv, &xv, &dxv, &g, k, pa, &a)
-                else:
-                    for k in prange(g.tasks, num_threads=nt, schedule="static"):
-                        act_grad_task(&dyv, &xv, &dxv, &g, k, pa, &a)
+            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, &dxv, pa, &a, kind)
+            if act:  # the sums pass left dz in dx: the gradient is dz's
                 dyv = dxv
-            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, kind)
             for c in range(C):
                 set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
             grid_grad(&dyv, &xv, &dxv, &g, p)
@@ -906,6 +964,7 @@ def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
                     double[::1] sum_dy_xmu):      # OUT (C,)
     """sum_dy[c] = sum(dy); sum_dy_xmu[c] = sum(dy * (x - mean[c])) (overwritten)."""
     cdef floating *kind = NULL
+    cdef Act no_act = Act(0, 0.0)
     cdef View dyv, xv
     cdef Grid g
     cdef double *part
@@ -916,7 +975,7 @@ def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
     g = make_grid(x)
     part = <double *>scratch(partials_size(&g), sizeof(double), True)
     with nogil:
-        grid_grad_sums(&dyv, &xv, &g, part, &mean[0], &sum_dy[0], &sum_dy_xmu[0], kind)
+        grid_grad_sums(&dyv, &xv, &g, part, &mean[0], &sum_dy[0], &sum_dy_xmu[0], NULL, NULL, &no_act, kind)
     free(part)
 
 

@@ -120,17 +120,21 @@ static inline double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * 
     }                                                                                               \
     } while (0)
 
+/* The slope of ReLU (low = 0) or leaky ReLU (low = its slope) at z: a choice between two
+ * constants, which vectorizes, times dy as in the reference (an inf or NaN dy stays non-finite). */
+#define CBN_RELU_SLOPE(Z, low) ((Z) > 0 ? (CBN_T)1 : (low))
+
 /* OUT = DY * act'(Z) for i in [0, n), Z the pre-activation */
 #define CBN_ACT_GRAD_LOOPS(n, act, slope, DY, Z, OUT)                                               \
     do {                                                                                            \
     switch (act) {                                                                                  \
     case CBN_RELU:                                                                                  \
         for (ptrdiff_t i = 0; i < (n); i++)                                                         \
-            OUT = (Z) > 0 ? (DY) : (CBN_T)0;                                                        \
+            OUT = (DY) * CBN_RELU_SLOPE(Z, (CBN_T)0);                                               \
         break;                                                                                      \
     case CBN_LEAKY_RELU:                                                                            \
         for (ptrdiff_t i = 0; i < (n); i++)                                                         \
-            OUT = (Z) > 0 ? (DY) : (DY) * (slope);                                                  \
+            OUT = (DY) * CBN_RELU_SLOPE(Z, slope);                                                  \
         break;                                                                                      \
     case CBN_SIGMOID:                                                                               \
         for (ptrdiff_t i = 0; i < (n); i++) {                                                       \

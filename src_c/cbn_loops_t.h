@@ -76,6 +76,36 @@ CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, pt
     return cbn_tree_sum(acc_dy_xmu) + tail_dy_xmu;
 }
 
+/* cbn_grad_sums1 of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = ((x - mu_hi)
+ * - mu_lo) * scale + shift, for contiguous runs, storing dz on the way: one loop and one read of dy
+ * and x instead of two.  The same lanes and order as cbn_grad_sums1 on dz: the same bits. */
+CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_relu_grad_sums1)(const CBN_T *dy, const CBN_T *x, CBN_T *dz,
+                                                                  ptrdiff_t n, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
+                                                                  CBN_T shift, CBN_T low, double mu, double *sum_dy)
+{
+    double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
+    ptrdiff_t i = 0;
+    for (; i + CBN_LANES <= n; i += CBN_LANES)
+        for (int j = 0; j < CBN_LANES; j++) {
+            CBN_T v = x[i + j];
+            CBN_T g = dy[i + j] * CBN_RELU_SLOPE(((v - mu_hi) - mu_lo) * scale + shift, low);
+            dz[i + j] = g;
+            acc_dy[j] += g;
+            acc_dy_xmu[j] += g * (v - mu);
+        }
+    const CBN_T slope_of[2] = {low, (CBN_T)1};  /* the tail's slope by table, not by a branch */
+    double tail_dy = 0, tail_dy_xmu = 0;
+    for (; i < n; i++) {
+        CBN_T v = x[i];
+        CBN_T g = dy[i] * slope_of[((v - mu_hi) - mu_lo) * scale + shift > 0];
+        dz[i] = g;
+        tail_dy += g;
+        tail_dy_xmu += g * (v - mu);
+    }
+    *sum_dy += cbn_tree_sum(acc_dy) + tail_dy;
+    return cbn_tree_sum(acc_dy_xmu) + tail_dy_xmu;
+}
+
 /* sums[c] += sum of channel c's values, in double */
 CBN_CLONES static void CBN_FN(cbn_group_sum)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
                                              ptrdiff_t g, ptrdiff_t n, double *sums)
@@ -155,6 +185,34 @@ CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da
         for (ptrdiff_t c = 0; c < g; c++)
             sum_dy_xmu[c] += CBN_FN(cbn_grad_sums1)(dy + r * da + c * dc, sd, x + r * xa + c * xc, sx, n, mu[c],
                                                     &sum_dy[c]);
+}
+
+/* Through an activation: each run's dz = dy * act'(z) (z recomputed from x; p as for
+ * cbn_group_affine) goes to dz, then its sums as cbn_group_grad_sums, from L1. */
+CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
+                                                       const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
+                                                       CBN_T *dz, ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so,
+                                                       ptrdiff_t m, ptrdiff_t g, ptrdiff_t n, const CBN_T *p,
+                                                       ptrdiff_t ps, int act, CBN_T slope, const double *mu,
+                                                       double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t c = 0; c < g; c++) {
+            const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
+            CBN_T *v = dz + r * oa + c * oc;
+            CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+            if (sd == 1 && sx == 1 && so == 1 && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
+                sum_dy_xmu[c] += CBN_FN(cbn_relu_grad_sums1)(q, u, v, n, mu_hi, mu_lo, scale, shift,
+                                                             act == CBN_RELU ? (CBN_T)0 : slope, mu[c], &sum_dy[c]);
+                continue;
+            }
+            if (sd == 1 && sx == 1 && so == 1)
+                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], ((u[i] - mu_hi) - mu_lo) * scale + shift, v[i]);
+            else
+                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift,
+                                   v[i * so]);
+            sum_dy_xmu[c] += CBN_FN(cbn_grad_sums1)(v, so, u, sx, n, mu[c], &sum_dy[c]);
+        }
 }
 
 /* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
@@ -247,6 +305,51 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
                     acc_dy[i] += g[i * sd];
                     acc_dy_xmu[i] += g[i * sd] * (v[i * sx] - mu[c0 + i]);
                 }
+        }
+        for (ptrdiff_t i = 0; i < w; i++) {
+            sum_dy[c0 + i] = acc_dy[i];
+            sum_dy_xmu[c0 + i] = acc_dy_xmu[i];
+        }
+    }
+}
+
+/* Through an activation: row by row, dz = dy * act'(z) (p as for cbn_cols_affine) goes to dz, then
+ * its sums as cbn_cols_grad_sums, from L1. */
+CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
+                                                      ptrdiff_t xa, ptrdiff_t sx, CBN_T *dz, ptrdiff_t oa,
+                                                      ptrdiff_t so, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
+                                                      ptrdiff_t ps, int act, CBN_T slope, const double *mu,
+                                                      double *sum_dy, double *sum_dy_xmu)
+{
+    for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
+        ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
+        const CBN_T *mu_hi = p + c0, *mu_lo = p + ps + c0, *scale = p + 2 * ps + c0, *shift = p + 3 * ps + c0;
+        double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
+        for (ptrdiff_t r = 0; r < m; r++) {
+            const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
+            CBN_T *o = dz + r * oa + c0 * so;
+            if (sd == 1 && sx == 1 && so == 1 && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
+                CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* one loop, as cbn_relu_grad_sums1 */
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
+                    o[i] = d;
+                    acc_dy[i] += d;
+                    acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
+                }
+            } else if (sd == 1 && sx == 1 && so == 1) {
+                CBN_ACT_GRAD_LOOPS(w, act, slope, g[i], ((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i]);
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    acc_dy[i] += o[i];
+                    acc_dy_xmu[i] += o[i] * (v[i] - mu[c0 + i]);
+                }
+            } else {
+                CBN_ACT_GRAD_LOOPS(w, act, slope, g[i * sd],
+                                   ((v[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i * so]);
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    acc_dy[i] += o[i * so];
+                    acc_dy_xmu[i] += o[i * so] * (v[i * sx] - mu[c0 + i]);
+                }
+            }
         }
         for (ptrdiff_t i = 0; i < w; i++) {
             sum_dy[c0 + i] = acc_dy[i];

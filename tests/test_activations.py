@@ -119,3 +119,23 @@ def test_gradient_through_activation_in_place(target):
     assert got[0] is out
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
+@pytest.mark.parametrize("shape, axis", [((4, 3, 40), 1), ((50, 3), 1), ((4, 40, 3), -1), ((3, 4, 1000), 1)])
+def test_non_finite_dy_where_the_activation_is_flat(shape, axis, activation):
+    """dy * act'(z) as in the reference: an inf in dy where z <= 0 is inf * 0 = NaN (not dropped)."""
+    rng = np.random.default_rng(11)
+    x, dy = rng.normal(size=shape), rng.normal(size=shape)
+    moved = np.moveaxis(x, axis, -1)
+    spot = np.unravel_index(np.argmin(moved[..., 1]), moved.shape[:-1]) + (1,)  # channel 1's lowest value: z < 0
+    np.moveaxis(dy, axis, -1)[spot] = np.inf
+    kw = dict(channel_axis=axis, activation=activation, negative_slope=0.2)
+    _, mean, invstd = reference.batch_norm_forward(x, **kw)
+    with np.errstate(invalid="ignore"):
+        want = reference.batch_norm_backward(dy, x, mean, invstd, **kw)
+        got = cbn.batch_norm_backward(dy, x, mean, invstd, **kw)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(np.isnan(g), np.isnan(w))
+        np.testing.assert_allclose(g[np.isfinite(w)], w[np.isfinite(w)], rtol=1e-9, atol=1e-12)
+    assert np.isnan(np.take(got[0], 1, axis=axis)).any()

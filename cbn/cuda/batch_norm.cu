@@ -72,8 +72,8 @@ template <typename W> __device__ __forceinline__ W cbn_activate(W z, int act, W 
 template <typename W> __device__ __forceinline__ W cbn_activation_grad(W dy, W z, int act, W slope)
 {
     switch (act) {
-    case ACT_RELU: return z > W(0) ? dy : W(0);
-    case ACT_LEAKY_RELU: return z > W(0) ? dy : dy * slope;
+    case ACT_RELU: return dy * (z > W(0) ? W(1) : W(0));  // dy * relu'(z), as the reference and the CPU kernels
+    case ACT_LEAKY_RELU: return dy * (z > W(0) ? W(1) : slope);
     case ACT_SIGMOID: {
         W a = W(1) / (W(1) + cbn_exp(-z));
         return dy * a * (W(1) - a);
