@@ -186,6 +186,18 @@ def batch_count(count, cshape):
         raise ValueError(f"count must be an int or broadcast to shape {cshape}, got shape {n.shape}") from None
 
 
+def elemt_args(cshape, invstd, gamma, sum_dy, sum_dy_xmu, count):
+    """Per-channel arguments of batch_norm_backward_elemt, checked: float64 arrays of ``cshape``
+    (gamma None is 1) and the whole batch's count as float64."""
+    return (
+        per_channel(invstd, "invstd", cshape),
+        np.ones(cshape) if gamma is None else per_channel(gamma, "gamma", cshape),
+        per_channel(sum_dy, "sum_dy", cshape),
+        per_channel(sum_dy_xmu, "sum_dy_xmu", cshape),
+        batch_count(count, cshape),
+    )
+
+
 def finalize_args(count, mean, m2, ddof):
     """Checked (count int64, mean, m2 float64, ddof) of merged statistics, every count above ddof."""
     try:

@@ -222,11 +222,7 @@ def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, co
     """
     dy, x, axes, cshape, mean, result, work = _gradient_args("batch_norm_backward_elemt", dy, x, mean, channel_axis)
     _host_only("batch_norm_backward_elemt", invstd, gamma, sum_dy, sum_dy_xmu, count, out)
-    invstd = _args.per_channel(invstd, "invstd", cshape)
-    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
-    sum_dy = _args.per_channel(sum_dy, "sum_dy", cshape)
-    sum_dy_xmu = _args.per_channel(sum_dy_xmu, "sum_dy_xmu", cshape)
-    n = _args.batch_count(count, cshape)
+    invstd, gamma, sum_dy, sum_dy_xmu, n = _args.elemt_args(cshape, invstd, gamma, sum_dy, sum_dy_xmu, count)
     (out_dx,) = _args.outputs(out, ("out",), "batch_norm_backward_elemt")
     _args.check_out(out_dx, "out", x.shape, result)
     dx = _bulk_target(out_dx, x, work, [dy, x])

@@ -277,11 +277,7 @@ def batch_norm_backward_reduce(dy, x, mean, invstd, *, channel_axis=1):
 def batch_norm_backward_elemt(dy, x, mean, invstd, gamma, sum_dy, sum_dy_xmu, count, *, channel_axis=1, out=None):
     """dx from the whole batch's sums (see :func:`cbn.batch_norm_backward_elemt`)."""
     dy, x, axes, cshape, mean = _piece_gradient(dy, x, mean, channel_axis)
-    invstd = _args.per_channel(invstd, "invstd", cshape)
-    gamma = np.ones(cshape) if gamma is None else _args.per_channel(gamma, "gamma", cshape)
-    sum_dy = _args.per_channel(sum_dy, "sum_dy", cshape)
-    sum_dy_xmu = _args.per_channel(sum_dy_xmu, "sum_dy_xmu", cshape)
-    m = _args.batch_count(count, cshape)
+    invstd, gamma, sum_dy, sum_dy_xmu, m = _args.elemt_args(cshape, invstd, gamma, sum_dy, sum_dy_xmu, count)
     (out_dx,) = _args.outputs(out, ("out",), "batch_norm_backward_elemt")
     result = _args.result_dtype(dy, x)
     _args.check_out(out_dx, "out", x.shape, result)
