@@ -80,6 +80,16 @@ def test_empty_chunks_and_array_like_input():
     close(cbn.dask.batch_stats(x.tolist())[1].compute(), cbn.batch_stats(x)[1], np.float64)
 
 
+def test_unknown_chunk_sizes():
+    """After boolean indexing the batch's length is unknown (NaN) until computed."""
+    x = data((40, 3, 5), np.float64)
+    keep = x[:, 0, 0] > 3.0
+    picked = da.from_array(x, chunks=(7, 2, 5))[da.from_array(keep, chunks=7)]
+    assert np.isnan(picked.shape[0])
+    close(cbn.dask.batch_norm(picked).compute(), cbn.batch_norm(x[keep]), np.float64)
+    close(cbn.dask.batch_stats(picked)[1].compute(), cbn.batch_stats(x[keep])[1], np.float64)
+
+
 def test_large_offset_keeps_float32_variance():
     x = (1e5 + np.random.default_rng(3).standard_normal((256, 4, 64))).astype(np.float32)
     var = cbn.dask.batch_stats(da.from_array(x, chunks=(10, 1, 7)))[1].compute()
