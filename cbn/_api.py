@@ -285,9 +285,8 @@ def batch_norm_forward(
     if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
         fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0], act)
         if fast is not None:
-            y, stats = fast
-            mean, invstd = stats[0::2].astype(y.dtype, copy=False)  # not the variance: it may overflow float32
-            return y, mean, invstd
+            y, stats = fast  # not the variance: it may overflow float32
+            return y, stats[0].astype(y.dtype, copy=False), stats[2].astype(y.dtype, copy=False)
     labels = _args.out_labels(_FORWARD_OUTPUTS)
     return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, (outs, labels))
 
