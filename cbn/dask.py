@@ -112,6 +112,7 @@ def _per_channel(value, name, cshape, axes):
         value = da.from_array(_args.per_channel(value, name, cshape))
     elif value.shape != cshape:
         raise ValueError(f"{name} must have shape {cshape} (one value per channel), got shape {value.shape}")
+    _args.check_real_dtype(value.dtype, name)
     order = tuple(int(i) for i in np.argsort(axes))
     return value.transpose(order) if order != tuple(range(len(axes))) else value
 

@@ -140,6 +140,7 @@ BAD_CALLS = [
     (lambda x: cbn.dask.batch_norm(x, running_mean=np.zeros(3)), ValueError, "given together"),
     (lambda x: cbn.dask.batch_norm(x, np.ones(4)), ValueError, "gamma must have shape"),
     (lambda x: cbn.dask.batch_norm(x, da.ones(4)), ValueError, "gamma must have shape"),
+    (lambda x: cbn.dask.batch_norm(x, da.ones(3, dtype=complex)), TypeError, "gamma has complex"),
     (lambda x: cbn.dask.batch_norm(x, eps=-1.0), ValueError, "eps"),
     (lambda x: cbn.dask.batch_norm(x, activation="gelu"), ValueError, "activation"),
     (lambda x: cbn.dask.batch_norm(x, channel_axis=3), ValueError, "out of bounds"),
