@@ -139,6 +139,12 @@ cdef extern from "cbn_loops.h" nogil:
                                                Py_ssize_t xa, Py_ssize_t sx, double *dz, Py_ssize_t oa, Py_ssize_t so,
                                                Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps, int act,
                                                double slope)
+    void cols_relu_grad_f "cbn_cols_relu_grad_f"(const float *dy, Py_ssize_t da, const float *x, Py_ssize_t xa,
+                                                 float *dx, Py_ssize_t oa, Py_ssize_t m, Py_ssize_t n,
+                                                 const float *p, Py_ssize_t ps, float low)
+    void cols_relu_grad_d "cbn_cols_relu_grad_d"(const double *dy, Py_ssize_t da, const double *x, Py_ssize_t xa,
+                                                 double *dx, Py_ssize_t oa, Py_ssize_t m, Py_ssize_t n,
+                                                 const double *p, Py_ssize_t ps, double low)
     void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
                                        Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
                                        Py_ssize_t n, const float *p, Py_ssize_t ps)
@@ -399,15 +405,21 @@ cdef inline void cols_grad_sums(const View *dy, const View *x, const Grid *g, co
 cdef inline void cols_act_grad_sums(const View *dy, const View *x, const View *dz, const ColumnChunk *t,
                                     const floating *p, Py_ssize_t ps, const Act *act, const double *mu,
                                     double *sum_dy, double *sum_dy_xmu) noexcept nogil:
-    """dz = dy * act'(z) row by row into dz, and the sums of dz as cols_grad_sums."""
+    """dz = dy * act'(z) row by row into dz, and the sums of dz as cols_grad_sums.
+
+    dz NULL: the sums only (ReLU and leaky ReLU on contiguous rows, whose dz
+    cols_relu_grad recomputes)."""
     cdef floating *kind = NULL
+    cdef floating *out = NULL if dz == NULL else chunk_at(dz, t, kind)
+    cdef Py_ssize_t oa = 0 if dz == NULL else dz.sa
+    cdef Py_ssize_t so = 1 if dz == NULL else dz.sc
     if floating is float:
         cols_act_grad_sums_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa, x.sc,
-                             chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
+                             out, oa, so, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
                              <float>act.slope, mu, sum_dy, sum_dy_xmu)
     else:
         cols_act_grad_sums_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa, x.sc,
-                             chunk_at(dz, t, kind), dz.sa, dz.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
+                             out, oa, so, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code,
                              act.slope, mu, sum_dy, sum_dy_xmu)
 
 
@@ -828,27 +840,49 @@ cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *p
 
 
 cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
-                    const floating *p) noexcept nogil:
-    """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C."""
+                    const floating *p, const Act *relu) noexcept nogil:
+    """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C.
+
+    ``relu`` (columns only, contiguous rows): dy is taken through ReLU or
+    leaky ReLU on the way, its slope recomputed from x (p then holds 7 rows:
+    scale and shift after the 5).
+    """
     cdef RowTile t
     cdef ColumnChunk h
+    cdef floating *kind = NULL
     if g.columns:
         h = column_chunk(g, k)
-        cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
+        if relu.code:
+            cols_relu_grad(dy, x, dx, &h, p + h.c0, g.C, relu)
+        else:
+            cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
         group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
-cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p) noexcept nogil:
+cdef inline void cols_relu_grad(const View *dy, const View *x, const View *dx, const ColumnChunk *t,
+                                const floating *p, Py_ssize_t ps, const Act *relu) noexcept nogil:
+    cdef floating *kind = NULL
+    cdef floating low = 0 if relu.code == 1 else <floating>relu.slope
+    if floating is float:
+        cols_relu_grad_f(chunk_at(dy, t, kind), dy.sa, chunk_at(x, t, kind), x.sa, chunk_at(dx, t, kind), dx.sa,
+                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low)
+    else:
+        cols_relu_grad_d(chunk_at(dy, t, kind), dy.sa, chunk_at(x, t, kind), x.sa, chunk_at(dx, t, kind), dx.sa,
+                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low)
+
+
+cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p,
+                    const Act *relu) noexcept nogil:
     cdef Py_ssize_t k
     cdef int nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
     if nt == 1:
         for k in range(g.tasks):
-            grad_task(dy, x, dx, g, k, p)
+            grad_task(dy, x, dx, g, k, p, relu)
     else:
         for k in prange(g.tasks, num_threads=nt, schedule="static"):
-            grad_task(dy, x, dx, g, k, p)
+            grad_task(dy, x, dx, g, k, p, relu)
 
 
 cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double invstd, double gam,
@@ -911,6 +945,8 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     cdef Py_ssize_t c, k, group, n_groups
     cdef int nt
     cdef Act a = Act(act, slope)
+    cdef Act relu = Act(0, 0.0)  # set when the dx pass takes dy through ReLU itself
+    cdef bint recompute
     if A * B * C == 0:
         return
     if act and stats.shape[0] < 4:
@@ -943,14 +979,24 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
                         backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
                                             p, pa, &a, kind)
             return
+        # ReLU on contiguous columns: dz is not stored but recomputed in the dx pass (no extra write)
+        recompute = (act == 1 or act == 2) and g.columns and dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1
+        if recompute:
+            free(p)
+            p = <floating *>scratch(7 * C, sizeof(floating), False)
+            relu = a
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
         with nogil:
-            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, &dxv, pa, &a, kind)
-            if act:  # the sums pass left dz in dx: the gradient is dz's
+            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, NULL if recompute else &dxv, pa, &a,
+                           kind)
+            if act and not recompute:  # the sums pass left dz in dx: the gradient is dz's
                 dyv = dxv
             for c in range(C):
                 set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
-            grid_grad(&dyv, &xv, &dxv, &g, p)
+                if recompute:
+                    p[5 * C + c] = pa[2 * C + c]
+                    p[6 * C + c] = pa[3 * C + c]
+            grid_grad(&dyv, &xv, &dxv, &g, p, &relu)
         free(part)
     finally:
         free(p)
@@ -984,6 +1030,7 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
                    floating[:, :, :] dx,         # OUT (A, C, B); may be dy or x
                    const double[:, ::1] coef):   # IN  (4, C): mean, dy_mean, c_xmu, k_dy
     """dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy, per channel."""
+    cdef Act no_act = Act(0, 0.0)
     cdef View dyv, xv, dxv
     cdef Grid g
     cdef floating *p
@@ -1001,7 +1048,7 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
             p[2 * C + c] = <floating>coef[1, c]
             p[3 * C + c] = <floating>coef[2, c]
             p[4 * C + c] = <floating>coef[3, c]
-        grid_grad(&dyv, &xv, &dxv, &g, p)
+        grid_grad(&dyv, &xv, &dxv, &g, p, &no_act)
     free(p)
 
 

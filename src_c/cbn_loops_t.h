@@ -327,15 +327,22 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
         double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
-            CBN_T *o = dz + r * oa + c0 * so;
+            CBN_T *o = dz ? dz + r * oa + c0 * so : NULL;
             if (sd == 1 && sx == 1 && so == 1 && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
                 CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* one loop, as cbn_relu_grad_sums1 */
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
-                    o[i] = d;
-                    acc_dy[i] += d;
-                    acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
-                }
+                if (dz == NULL)  /* the sums only: cbn_cols_relu_grad recomputes dz */
+                    for (ptrdiff_t i = 0; i < w; i++) {
+                        CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
+                        acc_dy[i] += d;
+                        acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
+                    }
+                else
+                    for (ptrdiff_t i = 0; i < w; i++) {
+                        CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
+                        o[i] = d;
+                        acc_dy[i] += d;
+                        acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
+                    }
             } else if (sd == 1 && sx == 1 && so == 1) {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i], ((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i]);
                 for (ptrdiff_t i = 0; i < w; i++) {
@@ -408,6 +415,23 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrd
             for (ptrdiff_t i = 0; i < n; i++)
                 dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
     }
+}
+
+/* cbn_cols_grad of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), the slope recomputed
+ * from x rather than dz stored and read back; contiguous rows; p holds 7 rows (mu_hi, mu_lo, dy_mean,
+ * c_xmu, k_dy, scale, shift) of ps values.  The same dz, so the same bits as storing it. */
+CBN_CLONES static void CBN_FN(cbn_cols_relu_grad)(const CBN_T *dy, ptrdiff_t da, const CBN_T *x, ptrdiff_t xa,
+                                                  CBN_T *dx, ptrdiff_t oa, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
+                                                  ptrdiff_t ps, CBN_T low)
+{
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
+    const CBN_T *scale = p + 5 * ps, *shift = p + 6 * ps;
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa)
+        for (ptrdiff_t i = 0; i < n; i++) {
+            CBN_T xm = (x[i] - mu_hi[i]) - mu_lo[i];
+            CBN_T d = dy[i] * CBN_RELU_SLOPE(xm * scale[i] + shift[i], low);
+            dx[i] = ((d - dy_mean[i]) - xm * c_xmu[i]) * k_dy[i];
+        }
 }
 
 #undef CBN_FN
