@@ -849,7 +849,6 @@ cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g
     """
     cdef RowTile t
     cdef ColumnChunk h
-    cdef floating *kind = NULL
     if g.columns:
         h = column_chunk(g, k)
         if relu.code:
