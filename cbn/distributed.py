@@ -228,8 +228,10 @@ class SyncBatchNorm(BatchNorm):
     forward and one of ``2 * C`` per backward (C channels), whatever the
     batch size.  Running statistics come out the same on every rank.
     ``grad_weight`` and ``grad_bias`` are this rank's contributions (as in
-    PyTorch): sum them over the ranks with the other gradients.  NumPy
-    arrays only.
+    PyTorch): sum them over the ranks with the other gradients.  In eval
+    mode nothing is communicated: running statistics when tracked, else this
+    rank's own batch statistics (as PyTorch), so ranks may evaluate on their
+    own.  NumPy arrays only.
 
     Examples
     --------
@@ -254,6 +256,9 @@ class SyncBatchNorm(BatchNorm):
         return super().__repr__().replace("BatchNorm(", "SyncBatchNorm(", 1)[:-1] + f", ranks={self.comm.Get_size()})"
 
     def _forward_batch(self, x, momentum, running):
+        if not self.training:  # eval without running statistics: this rank's batch, no collective (as PyTorch)
+            self._count = None
+            return super()._forward_batch(x, momentum, running)
         y, mean, invstd, self._count = sync_batch_norm_forward(
             x, self.weight, self.bias, comm=self.comm, momentum=momentum, eps=self.eps,
             channel_axis=self.channel_axis, activation=self.activation, negative_slope=self.negative_slope, **running,
@@ -261,6 +266,8 @@ class SyncBatchNorm(BatchNorm):
         return y, mean, invstd
 
     def _backward_batch(self, dy, x, mean, invstd):
+        if self._count is None:
+            return super()._backward_batch(dy, x, mean, invstd)
         return sync_batch_norm_backward(
             dy, x, mean, invstd, self._count, self.weight, self.bias, comm=self.comm, activation=self.activation,
             negative_slope=self.negative_slope, channel_axis=self.channel_axis,

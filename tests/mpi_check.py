@@ -118,6 +118,26 @@ def check_layer():
     assert sorted(state) == ["bias", "num_batches_tracked", "running_mean", "running_var", "weight"]
 
 
+def check_layer_without_state():
+    """No affine parameters, no running statistics (batch statistics in eval mode too), channels last."""
+    rng = np.random.default_rng(8)
+    options = dict(channel_axis=-1, affine=False, track_running_stats=False, dtype=np.float32)
+    whole, mine = cbn.BatchNorm(5, **options), SyncBatchNorm(5, comm=comm, **options)
+    x = rng.normal(-2.0, 0.5, (13, 3, 5)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    rows = my_rows(len(x))
+    close(mine(x[rows]), whole(x)[rows], 1e-5, "stateless layer y")
+    close(mine.backward(dy[rows]), whole.backward(dy)[rows], 1e-5, "stateless layer dx")
+    assert mine.grad_weight is None and mine.running_mean is None and mine.state_dict() == {}
+    # eval: this rank's own batch, no collective, so ranks may evaluate alone (rank 0 only, here)
+    if rank == 0:
+        local = cbn.BatchNorm(5, **options).eval()
+        x = rng.normal(1.0, 2.0, (6, 3, 5)).astype(np.float32)
+        close(mine.eval()(x), local(x), 1e-6, "stateless layer eval y")
+        close(mine.backward(dy[:6]), local.backward(dy[:6]), 1e-6, "stateless layer eval dx")
+        mine.train()
+
+
 def check_stats_bits():
     """Merged statistics: the same bits on every rank, at any offset, with empty ranks."""
     rng = np.random.default_rng(rank)
@@ -163,6 +183,7 @@ for case in [
 ]:
     check_functions(*case)
 check_layer()
+check_layer_without_state()
 check_stats_bits()
 check_too_few_values()
 check_bad_comm()
