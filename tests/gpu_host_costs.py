@@ -38,6 +38,11 @@ def main():
     launcher = _gpu._launcher_for(np.dtype(np.float32))
     view = (64, 128, 1)
     channels = _gpu._channels(mean, var, True, 1e-5, None, None, x)
+    labels = ("out[0] (y)", "out[1] (mean)", "out[2] (invstd)")
+    stats_w = cupy.empty((3, 128), dtype=np.float32)
+    train_kernel = launcher.kernels[f"cbn_train_channel<{launcher.t}, {launcher.vals}>"]
+    train_args = (x, y, *_gpu._channels(None, None, False, 1e-5, None, None, x), *_gpu._i64(*view), np.int32(0),
+                  np.float64(0.0), stats, stats_w)
 
     def device_context():
         with x.device:
@@ -54,6 +59,9 @@ def main():
         ("_gpu._Layout([x], (1,))", lambda: _gpu._Layout([x], (1,))),
         ("one launch: normalize kernel", lambda: launcher.normalize(x, y, channels, view, (0, 0.0))),
         ("one launch: train kernel", lambda: launcher.train(x, y, 1e-5, None, None, view, (0, 0.0))),
+        ("  of which the bare launch", lambda: train_kernel((128,), (512,), train_args)),
+        ("_gpu.train_forward", lambda: _gpu.train_forward(x, None, None, None, None, 0.1, 1e-5, 1, (0, 0.0),
+                                                          (None, None, None), labels)),
         ("cbn.batch_norm (inference)", lambda: cbn.batch_norm(x, running_mean=mean, running_var=var,
                                                                training=False)),
         ("cbn.batch_norm_forward", lambda: cbn.batch_norm_forward(x)),
