@@ -407,8 +407,8 @@ cdef inline void cols_act_grad_sums(const View *dy, const View *x, const View *d
                                     double *sum_dy, double *sum_dy_xmu) noexcept nogil:
     """dz = dy * act'(z) row by row into dz, and the sums of dz as cols_grad_sums.
 
-    dz NULL: the sums only (ReLU and leaky ReLU on contiguous rows, whose dz
-    cols_relu_grad recomputes)."""
+    dz NULL: the sums only, for ReLU and leaky ReLU on contiguous rows (whose
+    dz cols_relu_grad recomputes); the other activations and layouts store dz."""
     cdef floating *kind = NULL
     cdef floating *out = NULL if dz == NULL else chunk_at(dz, t, kind)
     cdef Py_ssize_t oa = 0 if dz == NULL else dz.sa
@@ -958,7 +958,7 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     dxv = view_of(dx)
     g = make_grid(x)
     group = fused_group(&g, 2, sizeof(floating))
-    p = <floating *>scratch(5 * C, sizeof(floating), False)
+    p = <floating *>scratch((7 if act else 5) * C, sizeof(floating), False)  # rows 5, 6 for cols_relu_grad
     try:
         if act:
             pa = <floating *>scratch(4 * C, sizeof(floating), False)
@@ -981,8 +981,6 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
         # ReLU on contiguous columns: dz is not stored but recomputed in the dx pass (no extra write)
         recompute = (act == 1 or act == 2) and g.columns and dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1
         if recompute:
-            free(p)
-            p = <floating *>scratch(7 * C, sizeof(floating), False)
             relu = a
         part = <double *>scratch(partials_size(&g), sizeof(double), True)
         with nogil:

@@ -314,7 +314,8 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
 }
 
 /* Through an activation: row by row, dz = dy * act'(z) (p as for cbn_cols_affine) goes to dz, then
- * its sums as cbn_cols_grad_sums, from L1. */
+ * its sums as cbn_cols_grad_sums, from L1.  dz NULL: ReLU or leaky ReLU on contiguous rows, the
+ * sums only, in one loop (cbn_cols_relu_grad recomputes dz in the dx pass). */
 CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
                                                       ptrdiff_t xa, ptrdiff_t sx, CBN_T *dz, ptrdiff_t oa,
                                                       ptrdiff_t so, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
@@ -328,21 +329,13 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             CBN_T *o = dz ? dz + r * oa + c0 * so : NULL;
-            if (sd == 1 && sx == 1 && so == 1 && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
-                CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* one loop, as cbn_relu_grad_sums1 */
-                if (dz == NULL)  /* the sums only: cbn_cols_relu_grad recomputes dz */
-                    for (ptrdiff_t i = 0; i < w; i++) {
-                        CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
-                        acc_dy[i] += d;
-                        acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
-                    }
-                else
-                    for (ptrdiff_t i = 0; i < w; i++) {
-                        CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
-                        o[i] = d;
-                        acc_dy[i] += d;
-                        acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
-                    }
+            if (dz == NULL) {
+                CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
+                    acc_dy[i] += d;
+                    acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
+                }
             } else if (sd == 1 && sx == 1 && so == 1) {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i], ((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i]);
                 for (ptrdiff_t i = 0; i < w; i++) {
