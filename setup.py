@@ -82,7 +82,7 @@ extensions = [
         "cbn._kernels",
         sources=["cbn/_kernels.pyx"],
         include_dirs=["src_c"],
-        depends=["src_c/cbn_openmp.h", "src_c/cbn_loops.h", "src_c/cbn_loops_t.h"],
+        depends=["src_c/cbn_openmp.h", "src_c/cbn_loops.h", "src_c/cbn_loops_t.h", "src_c/cbn_stream.h"],
     )
 ]
 

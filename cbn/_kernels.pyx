@@ -46,6 +46,10 @@ cdef Py_ssize_t FUSE_BYTES = 1 << 20
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Below this much data a parallel region costs more than it saves.
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
+# Outputs of at least this size are written with non-temporal stores, which
+# skip the read of each line a plain store makes: larger than the caches, they
+# would not be read back from there anyway (-1: never).
+cdef Py_ssize_t STREAM_BYTES = 1 << 22
 # Tiles cover at least this many values per channel, so that their partial
 # results (one per channel and tile) stay small next to the data.
 cdef Py_ssize_t MIN_TILE_VALUES = 256
@@ -56,6 +60,7 @@ cdef Py_ssize_t MIN_TILE_VALUES = 256
 # or the double instance.
 
 cdef extern from "cbn_loops.h" nogil:
+    int CBN_HAVE_STREAM
     void group_sum_f "cbn_group_sum_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
                                        Py_ssize_t g, Py_ssize_t n, double *sums)
     void group_sum_d "cbn_group_sum_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
@@ -67,10 +72,12 @@ cdef extern from "cbn_loops.h" nogil:
                                              double *sq)
     void group_affine_f "cbn_group_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *y,
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
-                                             Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope)
+                                             Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope,
+                                             int stream)
     void group_affine_d "cbn_group_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *y,
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
-                                             Py_ssize_t n, const double *p, Py_ssize_t ps, int act, double slope)
+                                             Py_ssize_t n, const double *p, Py_ssize_t ps, int act, double slope,
+                                             int stream)
     void group_act_grad_f "cbn_group_act_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
                                                  const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx,
                                                  float *dz, Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so,
@@ -102,11 +109,11 @@ cdef extern from "cbn_loops.h" nogil:
     void group_grad_f "cbn_group_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const float *x,
                                          Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dx, Py_ssize_t oa,
                                          Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
-                                         const float *p, Py_ssize_t ps)
+                                         const float *p, Py_ssize_t ps, int stream)
     void group_grad_d "cbn_group_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
                                          const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *dx,
                                          Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
-                                         Py_ssize_t n, const double *p, Py_ssize_t ps)
+                                         Py_ssize_t n, const double *p, Py_ssize_t ps, int stream)
     void cols_stats_f "cbn_cols_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                          double *mean, double *m2)
     void cols_stats_d "cbn_cols_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
@@ -127,10 +134,10 @@ cdef extern from "cbn_loops.h" nogil:
         double slope, const double *mu, double *sum_dy, double *sum_dy_xmu)
     void cols_affine_f "cbn_cols_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, float *y, Py_ssize_t ya,
                                            Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps,
-                                           int act, float slope)
+                                           int act, float slope, int stream)
     void cols_affine_d "cbn_cols_affine_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, double *y, Py_ssize_t ya,
                                            Py_ssize_t sy, Py_ssize_t m, Py_ssize_t n, const double *p, Py_ssize_t ps,
-                                           int act, double slope)
+                                           int act, double slope, int stream)
     void cols_act_grad_f "cbn_cols_act_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x,
                                                Py_ssize_t xa, Py_ssize_t sx, float *dz, Py_ssize_t oa, Py_ssize_t so,
                                                Py_ssize_t m, Py_ssize_t n, const float *p, Py_ssize_t ps, int act,
@@ -141,16 +148,16 @@ cdef extern from "cbn_loops.h" nogil:
                                                double slope)
     void cols_relu_grad_f "cbn_cols_relu_grad_f"(const float *dy, Py_ssize_t da, const float *x, Py_ssize_t xa,
                                                  float *dx, Py_ssize_t oa, Py_ssize_t m, Py_ssize_t n,
-                                                 const float *p, Py_ssize_t ps, float low)
+                                                 const float *p, Py_ssize_t ps, float low, int stream)
     void cols_relu_grad_d "cbn_cols_relu_grad_d"(const double *dy, Py_ssize_t da, const double *x, Py_ssize_t xa,
                                                  double *dx, Py_ssize_t oa, Py_ssize_t m, Py_ssize_t n,
-                                                 const double *p, Py_ssize_t ps, double low)
+                                                 const double *p, Py_ssize_t ps, double low, int stream)
     void cols_grad_f "cbn_cols_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t sd, const float *x, Py_ssize_t xa,
                                        Py_ssize_t sx, float *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
-                                       Py_ssize_t n, const float *p, Py_ssize_t ps)
+                                       Py_ssize_t n, const float *p, Py_ssize_t ps, int stream)
     void cols_grad_d "cbn_cols_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t sd, const double *x, Py_ssize_t xa,
                                        Py_ssize_t sx, double *dx, Py_ssize_t oa, Py_ssize_t so, Py_ssize_t m,
-                                       Py_ssize_t n, const double *p, Py_ssize_t ps)
+                                       Py_ssize_t n, const double *p, Py_ssize_t ps, int stream)
 
 
 # ==========================================================================
@@ -159,6 +166,7 @@ cdef extern from "cbn_loops.h" nogil:
 cdef struct View:
     char *data                      # element [0, 0, 0]
     Py_ssize_t sa, sc, sb           # strides in elements
+    bint stream                     # as an output: write it with non-temporal stores (cbn_stream.h)
 
 
 cdef struct Act:
@@ -172,6 +180,7 @@ cdef View view_of(const floating[:, :, :] v) noexcept:
     w.sa = v.strides[0] // <Py_ssize_t>sizeof(floating)
     w.sc = v.strides[1] // <Py_ssize_t>sizeof(floating)
     w.sb = v.strides[2] // <Py_ssize_t>sizeof(floating)
+    w.stream = 0 <= STREAM_BYTES <= v.shape[0] * v.shape[1] * v.shape[2] * <Py_ssize_t>sizeof(floating)
     return w
 
 
@@ -326,10 +335,10 @@ cdef inline void group_affine(const View *x, const View *y, const RowTile *t, co
     cdef floating *kind = NULL
     if floating is float:
         group_affine_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
-                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, <float>act.slope)
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, <float>act.slope, y.stream)
     else:
         group_affine_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
-                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope)
+                       y.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope, y.stream)
 
 
 cdef inline void group_act_grad(const View *dy, const View *x, const View *dz, const RowTile *t, const floating *p,
@@ -377,11 +386,11 @@ cdef inline void group_grad(const View *dy, const View *x, const View *dx, const
     if floating is float:
         group_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
                      x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
-                     t.b1 - t.b0, p, ps)
+                     t.b1 - t.b0, p, ps, dx.stream)
     else:
         group_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
                      x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
-                     t.b1 - t.b0, p, ps)
+                     t.b1 - t.b0, p, ps, dx.stream)
 
 
 cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
@@ -428,10 +437,10 @@ cdef inline void cols_affine(const View *x, const View *y, const Grid *g, const 
     cdef floating *kind = NULL
     if floating is float:
         cols_affine_f(chunk_at(x, t, kind), x.sa, x.sc, chunk_at(y, t, kind), y.sa,
-                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, <float>act.slope)
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, <float>act.slope, y.stream)
     else:
         cols_affine_d(chunk_at(x, t, kind), x.sa, x.sc, chunk_at(y, t, kind), y.sa,
-                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, act.slope)
+                      y.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, act.code, act.slope, y.stream)
 
 
 cdef inline void cols_act_grad(const View *dy, const View *x, const View *dz, const Grid *g, const ColumnChunk *t,
@@ -452,10 +461,10 @@ cdef inline void cols_grad(const View *dy, const View *x, const View *dx, const 
     cdef floating *kind = NULL
     if floating is float:
         cols_grad_f(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa,
-                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, dx.stream)
     else:
         cols_grad_d(chunk_at(dy, t, kind), dy.sa, dy.sc, chunk_at(x, t, kind), x.sa,
-                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps)
+                    x.sc, chunk_at(dx, t, kind), dx.sa, dx.sc, t.r1 - t.r0, t.c1 - t.c0, p, ps, dx.stream)
 
 
 cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
@@ -866,10 +875,10 @@ cdef inline void cols_relu_grad(const View *dy, const View *x, const View *dx, c
     cdef floating low = 0 if relu.code == 1 else <floating>relu.slope
     if floating is float:
         cols_relu_grad_f(chunk_at(dy, t, kind), dy.sa, chunk_at(x, t, kind), x.sa, chunk_at(dx, t, kind), dx.sa,
-                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low)
+                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low, dx.stream)
     else:
         cols_relu_grad_d(chunk_at(dy, t, kind), dy.sa, chunk_at(x, t, kind), x.sa, chunk_at(dx, t, kind), dx.sa,
-                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low)
+                         t.r1 - t.r0, t.c1 - t.c0, p, ps, low, dx.stream)
 
 
 cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g, const floating *p,
@@ -1098,3 +1107,22 @@ def max_threads():
 def openmp_info():
     """(OpenMP spec date as int, runtime library path); (0, 'none') if off."""
     return CBN_OPENMP_VERSION, cbn_openmp_library().decode("utf-8", "replace")
+
+
+def stream_bytes(Py_ssize_t nbytes=-2):
+    """Size from which outputs are written with non-temporal stores; -1: never.
+
+    Returns the setting; a value other than -2 replaces it (the tests use
+    this to run both store paths on small arrays)."""
+    global STREAM_BYTES
+    if nbytes != -2:
+        if nbytes < -1:
+            raise ValueError(f"stream_bytes: nbytes must be >= -1, got {nbytes}")
+        STREAM_BYTES = nbytes
+    return STREAM_BYTES
+
+
+def has_stream_stores():
+    """Whether this build has non-temporal stores (x86-64, GCC or Clang)."""
+    return bool(CBN_HAVE_STREAM)
+

@@ -134,25 +134,36 @@ static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int 
 }
 
 /* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b.
- * p holds 4 rows (mu_hi, mu_lo, scale, shift) of ps values, one per channel. */
+ * p holds 4 rows (mu_hi, mu_lo, scale, shift) of ps values, one per channel.  stream: contiguous
+ * runs of y are written with non-temporal stores (CBN_WRITE_RUN). */
 CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *y,
                                                 ptrdiff_t ya, ptrdiff_t yc, ptrdiff_t sy, ptrdiff_t m, ptrdiff_t g,
-                                                ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope)
+                                                ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope,
+                                                int stream)
 {
-    for (ptrdiff_t r = 0; r < m; r++)
+    for (ptrdiff_t r = 0; r < m; r++) {
+        if (sx == 1 && sy == 1) {
+            CBN_WRITE_ROWS(y + r * ya, yc, g, n, stream, c,
+                           const CBN_T *u = x + r * xa + c * xc + i0;
+                           CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+                           for (ptrdiff_t i = 0; i < k; i++)
+                               w[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
+                           if (act != CBN_IDENTITY)
+                               CBN_FN(cbn_activate)(w, k, 1, act, slope));
+            continue;
+        }
         for (ptrdiff_t c = 0; c < g; c++) {
             const CBN_T *u = x + r * xa + c * xc;
             CBN_T *v = y + r * ya + c * yc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-            if (sx == 1 && sy == 1)
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
-            else
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
+            for (ptrdiff_t i = 0; i < n; i++)
+                v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
             if (act != CBN_IDENTITY)
                 CBN_FN(cbn_activate)(v, n, sy, act, slope);
         }
+    }
+    if (stream)
+        cbn_stream_fence();
 }
 
 /* dz = dy * act'(z), z = ((x - mu_hi) - mu_lo) * scale + shift recomputed from x; p as for
@@ -221,21 +232,29 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
 CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                               const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dx,
                                               ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so, ptrdiff_t m, ptrdiff_t g,
-                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int stream)
 {
-    for (ptrdiff_t r = 0; r < m; r++)
+    for (ptrdiff_t r = 0; r < m; r++) {
+        if (sd == 1 && sx == 1 && so == 1) {
+            CBN_WRITE_ROWS(dx + r * oa, oc, g, n, stream, c,
+                           const CBN_T *q = dy + r * da + c * dc + i0, *u = x + r * xa + c * xc + i0;
+                           CBN_T mu_hi = p[c], mu_lo = p[ps + c], dy_mean = p[2 * ps + c], c_xmu = p[3 * ps + c];
+                           CBN_T k_dy = p[4 * ps + c];
+                           for (ptrdiff_t i = 0; i < k; i++)
+                               w[i] = ((q[i] - dy_mean) - ((u[i] - mu_hi) - mu_lo) * c_xmu) * k_dy);
+            continue;
+        }
         for (ptrdiff_t c = 0; c < g; c++) {
             const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
             CBN_T *v = dx + r * oa + c * oc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], dy_mean = p[2 * ps + c], c_xmu = p[3 * ps + c];
             CBN_T k_dy = p[4 * ps + c];
-            if (sd == 1 && sx == 1 && so == 1)
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i] = ((q[i] - dy_mean) - ((u[i] - mu_hi) - mu_lo) * c_xmu) * k_dy;
-            else
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i * so] = ((q[i * sd] - dy_mean) - ((u[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+            for (ptrdiff_t i = 0; i < n; i++)
+                v[i * so] = ((q[i * sd] - dy_mean) - ((u[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
         }
+    }
+    if (stream)
+        cbn_stream_fence();
 }
 
 /* The column loops walk m rows of n channels: row r of x starts at x + r * xa,
@@ -362,16 +381,23 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
  * of ps values */
 CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
                                                ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps,
-                                               int act, CBN_T slope)
+                                               int act, CBN_T slope, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
+    if (sx == 1 && sy == 1) {
+        CBN_WRITE_ROWS(y, ya, m, n, stream, r,
+                       const CBN_T *u = x + r * xa + i0;
+                       for (ptrdiff_t i = 0; i < k; i++)
+                           w[i] = ((u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i]) * scale[i0 + i] + shift[i0 + i];
+                       if (act != CBN_IDENTITY)
+                           CBN_FN(cbn_activate)(w, k, 1, act, slope));
+        if (stream)
+            cbn_stream_fence();
+        return;
+    }
     for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
-        if (sx == 1 && sy == 1)
-            for (ptrdiff_t i = 0; i < n; i++)
-                y[i] = ((x[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
-        else
-            for (ptrdiff_t i = 0; i < n; i++)
-                y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+        for (ptrdiff_t i = 0; i < n; i++)
+            y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
         if (act != CBN_IDENTITY)
             CBN_FN(cbn_activate)(y, n, sy, act, slope);
     }
@@ -397,17 +423,22 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
  * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy) of ps values */
 CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x, ptrdiff_t xa,
                                              ptrdiff_t sx, CBN_T *dx, ptrdiff_t oa, ptrdiff_t so, ptrdiff_t m,
-                                             ptrdiff_t n, const CBN_T *p, ptrdiff_t ps)
+                                             ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
-        if (sd == 1 && sx == 1 && so == 1)
-            for (ptrdiff_t i = 0; i < n; i++)
-                dx[i] = ((dy[i] - dy_mean[i]) - ((x[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
-        else
-            for (ptrdiff_t i = 0; i < n; i++)
-                dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+    if (sd == 1 && sx == 1 && so == 1) {
+        CBN_WRITE_ROWS(dx, oa, m, n, stream, r,
+                       const CBN_T *q = dy + r * da + i0, *u = x + r * xa + i0;
+                       for (ptrdiff_t i = 0; i < k; i++)
+                           w[i] = ((q[i] - dy_mean[i0 + i]) - ((u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i])
+                                   * c_xmu[i0 + i]) * k_dy[i0 + i]);
+        if (stream)
+            cbn_stream_fence();
+        return;
     }
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa)
+        for (ptrdiff_t i = 0; i < n; i++)
+            dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
 }
 
 /* cbn_cols_grad of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), the slope recomputed
@@ -415,16 +446,19 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrd
  * c_xmu, k_dy, scale, shift) of ps values.  The same dz, so the same bits as storing it. */
 CBN_CLONES static void CBN_FN(cbn_cols_relu_grad)(const CBN_T *dy, ptrdiff_t da, const CBN_T *x, ptrdiff_t xa,
                                                   CBN_T *dx, ptrdiff_t oa, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
-                                                  ptrdiff_t ps, CBN_T low)
+                                                  ptrdiff_t ps, CBN_T low, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
     const CBN_T *scale = p + 5 * ps, *shift = p + 6 * ps;
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa)
-        for (ptrdiff_t i = 0; i < n; i++) {
-            CBN_T xm = (x[i] - mu_hi[i]) - mu_lo[i];
-            CBN_T d = dy[i] * CBN_RELU_SLOPE(xm * scale[i] + shift[i], low);
-            dx[i] = ((d - dy_mean[i]) - xm * c_xmu[i]) * k_dy[i];
-        }
+    CBN_WRITE_ROWS(dx, oa, m, n, stream, r,
+                   const CBN_T *q = dy + r * da + i0, *u = x + r * xa + i0;
+                   for (ptrdiff_t i = 0; i < k; i++) {
+                       CBN_T xm = (u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i];
+                       CBN_T d = q[i] * CBN_RELU_SLOPE(xm * scale[i0 + i] + shift[i0 + i], low);
+                       w[i] = ((d - dy_mean[i0 + i]) - xm * c_xmu[i0 + i]) * k_dy[i0 + i];
+                   });
+    if (stream)
+        cbn_stream_fence();
 }
 
 #undef CBN_FN
