@@ -1125,4 +1125,3 @@ def stream_bytes(Py_ssize_t nbytes=-2):
 def has_stream_stores():
     """Whether this build has non-temporal stores (x86-64, GCC or Clang)."""
     return bool(CBN_HAVE_STREAM)
-
