@@ -31,8 +31,8 @@ import os
 
 from cython cimport floating
 from cython.parallel cimport prange
-from libc.math cimport sqrt
 from libc.stdlib cimport calloc, free, malloc
+from libc.string cimport memcpy
 
 cdef extern from "cbn_openmp.h":
     int omp_get_max_threads() noexcept nogil
@@ -61,6 +61,20 @@ cdef Py_ssize_t MIN_TILE_VALUES = 256
 
 cdef extern from "cbn_loops.h" nogil:
     int CBN_HAVE_STREAM
+    void merge_slots "cbn_merge_slots"(Py_ssize_t slots, Py_ssize_t C, const double *counts, const double *part_mean,
+                                       const double *part_m2, double *mean, double *m2)
+    void norm_params_f "cbn_norm_params_f"(Py_ssize_t n, double count, double eps, const double *mean, double *var,
+                                           double *invstd, const double *gamma, const double *beta, float *p,
+                                           Py_ssize_t ps)
+    void norm_params_d "cbn_norm_params_d"(Py_ssize_t n, double count, double eps, const double *mean, double *var,
+                                           double *invstd, const double *gamma, const double *beta, double *p,
+                                           Py_ssize_t ps)
+    void grad_params_f "cbn_grad_params_f"(Py_ssize_t n, double count, const double *mean, const double *invstd,
+                                           const double *gamma, const double *sum_dy, const double *sum_dy_xmu,
+                                           float *p, Py_ssize_t ps)
+    void grad_params_d "cbn_grad_params_d"(Py_ssize_t n, double count, const double *mean, const double *invstd,
+                                           const double *gamma, const double *sum_dy, const double *sum_dy_xmu,
+                                           double *p, Py_ssize_t ps)
     void group_sum_f "cbn_group_sum_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
                                        Py_ssize_t g, Py_ssize_t n, double *sums)
     void group_sum_d "cbn_group_sum_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
@@ -504,18 +518,6 @@ cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t 
 # ==========================================================================
 # Statistics: per-channel mean and M2 = sum((x - mean)**2)
 
-cdef inline void chan_merge(double *n, double *mean, double *m2, double nb, double mb, double m2b) noexcept nogil:
-    """Merge (nb, mb, m2b) into (n, mean, m2) (Chan, Golub & LeVeque)."""
-    cdef double total = n[0] + nb
-    cdef double delta
-    if nb == 0:
-        return
-    delta = mb - mean[0]
-    mean[0] += delta * (nb / total)
-    m2[0] += m2b + delta * delta * (n[0] * nb / total)
-    n[0] = total
-
-
 cdef void block_stats(const View *x, const RowTile *t, double count, double *mean, double *m2, double *dev,
                       floating *kind) noexcept nogil:
     """Two-pass mean and M2 per channel of a block (cached for the second pass).
@@ -547,17 +549,17 @@ cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *
 
 
 cdef inline Py_ssize_t partials_size(const Grid *g) noexcept nogil:
-    """Doubles of zeroed scratch that grid_stats and grid_grad_sums need."""
-    return 2 * g.nr * g.C if g.columns else 3 * g.na * g.nb * g.C
+    """Doubles of zeroed scratch that grid_stats and grid_grad_sums need (the last, one per slot, for counts)."""
+    return 2 * g.nr * g.C + g.nr if g.columns else 3 * g.na * g.nb * g.C + g.na * g.nb
 
 
 cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, double *m2,
                      floating *kind) noexcept nogil:
     """Per-channel mean and M2 over the grid's tasks, merged in a fixed order."""
-    cdef Py_ssize_t k, c, j, slots = g.nr if g.columns else g.na * g.nb
+    cdef Py_ssize_t k, j, slots = g.nr if g.columns else g.na * g.nb
     cdef int nt = n_threads(g.R * g.C * sizeof(floating), g.tasks)
     cdef double *part_m2 = part + slots * g.C
-    cdef double n, mu, s2
+    cdef double *counts
     if nt == 1:
         for k in range(g.tasks):
             if g.columns:
@@ -570,15 +572,10 @@ cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, d
                 stats_column_task(x, g, k, part, part_m2, kind)
             else:
                 stats_row_task(x, g, k, part, kind)
-    for c in range(g.C):
-        n = 0
-        mu = 0
-        s2 = 0
-        for j in range(slots):
-            chan_merge(&n, &mu, &s2, <double>chunk_rows(g, j) if g.columns else slot_count(g, j),
-                       part[j * g.C + c], part_m2[j * g.C + c])
-        mean[c] = mu
-        m2[c] = s2
+    counts = part + partials_size(g) - slots
+    for j in range(slots):
+        counts[j] = <double>chunk_rows(g, j) if g.columns else slot_count(g, j)
+    merge_slots(slots, g.C, counts, part, part_m2, mean, m2)
 
 
 def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
@@ -646,22 +643,23 @@ def inference(const floating[:, :, :] x,     # IN  (A, C, B)
     cdef View xv, yv
     cdef Grid g
     cdef floating *p
-    cdef Py_ssize_t c, C = x.shape[1]
+    cdef double *v
+    cdef Py_ssize_t C = x.shape[1]
     cdef Act a = Act(act, slope)
     cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
     cdef const double *bet = &beta[0] if beta.shape[0] else NULL
-    cdef double inv
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     xv = view_of(x)
     yv = view_of(y)
     g = make_grid(x)
     p = <floating *>scratch(4 * C, sizeof(floating), False)
+    v = <double *>scratch(2 * C, sizeof(double), False)  # the variance and invstd, not returned
     with nogil:
-        for c in range(C):
-            inv = 1.0 / sqrt(var[c] + eps)
-            set_affine(p, C, c, mean[c], inv * gam[c] if gam != NULL else inv, bet[c] if bet != NULL else 0.0)
+        memcpy(v, &var[0], C * sizeof(double))
+        finish_channels(0, C, C, 1.0, eps, gam, bet, &mean[0], v, v + C, p)
         grid_affine(&xv, &yv, &g, p, &a)
+    free(v)
     free(p)
 
 
@@ -669,12 +667,12 @@ cdef inline void finish_channels(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, dou
                                  const double *gamma, const double *beta, double *mean, double *var, double *invstd,
                                  floating *p) noexcept nogil:
     """Channels c0:c1: M2 in var becomes the biased variance, then invstd and the normalize parameters in p."""
-    cdef Py_ssize_t c
-    for c in range(c0, c1):
-        var[c] = var[c] / count
-        invstd[c] = 1.0 / sqrt(var[c] + eps)
-        set_affine(p, C, c, mean[c], invstd[c] * (gamma[c] if gamma != NULL else 1.0),
-                   beta[c] if beta != NULL else 0.0)
+    cdef const double *gam = gamma + c0 if gamma != NULL else NULL
+    cdef const double *bet = beta + c0 if beta != NULL else NULL
+    if floating is float:
+        norm_params_f(c1 - c0, count, eps, mean + c0, var + c0, invstd + c0, gam, bet, p + c0, C)
+    else:
+        norm_params_d(c1 - c0, count, eps, mean + c0, var + c0, invstd + c0, gam, bet, p + c0, C)
 
 
 cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, Py_ssize_t group, double eps,
@@ -893,16 +891,17 @@ cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g
             grad_task(dy, x, dx, g, k, p, relu)
 
 
-cdef inline void set_grad(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double invstd, double gam,
-                          double s_dy, double s_dy_xmu, double count) noexcept nogil:
-    """Channel c's gradient coefficients in p (rows: mu_hi, mu_lo, dy_mean, c_xmu, k_dy).
+cdef inline void grad_params(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, double count, const double *mean,
+                             const double *invstd, const double *gamma, const double *sum_dy,
+                             const double *sum_dy_xmu, floating *p) noexcept nogil:
+    """Channels c0:c1's gradient coefficients in p (rows: mu_hi, mu_lo, dy_mean, c_xmu, k_dy).
 
     dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
     """
-    split_mean(mean, &p[c], &p[C + c])
-    p[2 * C + c] = <floating>(s_dy / count)
-    p[3 * C + c] = <floating>(invstd * invstd * s_dy_xmu / count)
-    p[4 * C + c] = <floating>(gam * invstd)
+    if floating is float:
+        grad_params_f(c1 - c0, count, mean + c0, invstd + c0, gamma + c0, sum_dy + c0, sum_dy_xmu + c0, p + c0, C)
+    else:
+        grad_params_d(c1 - c0, count, mean + c0, invstd + c0, gamma + c0, sum_dy + c0, sum_dy_xmu + c0, p + c0, C)
 
 
 cdef void backward_group_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
@@ -915,14 +914,12 @@ cdef void backward_group_task(const View *dy, const View *x, const View *dx, con
     and takes dy's place, while the block is in cache.
     """
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
-    cdef Py_ssize_t c
     if act.code:
         group_act_grad_sums(dy, x, dx, &t, pa + t.c0, g.C, act, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0])
         dy = dx
     else:
         group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
-    for c in range(t.c0, t.c1):
-        set_grad(p, g.C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>g.R)
+    grad_params(t.c0, t.c1, g.C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
     group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
@@ -997,11 +994,9 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
                            kind)
             if act and not recompute:  # the sums pass left dz in dx: the gradient is dz's
                 dyv = dxv
-            for c in range(C):
-                set_grad(p, C, c, mean[c], invstd[c], gamma[c], sum_dy[c], sum_dy_xmu[c], <double>(A * B))
-                if recompute:
-                    p[5 * C + c] = pa[2 * C + c]
-                    p[6 * C + c] = pa[3 * C + c]
+            grad_params(0, C, C, <double>(A * B), mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
+            if recompute:  # the slope's scale and shift rows
+                memcpy(p + 5 * C, pa + 2 * C, 2 * C * sizeof(floating))
             grid_grad(&dyv, &xv, &dxv, &g, p, &relu)
         free(part)
     finally:

@@ -11,6 +11,7 @@
 #ifndef CBN_LOOPS_H
 #define CBN_LOOPS_H
 
+#include <math.h>
 #include <stddef.h>
 
 #include "cbn_stream.h"
@@ -31,6 +32,12 @@
 #define CBN_NO_LOOP_VECTORIZE
 #endif
 
+#if defined(_MSC_VER)
+#define CBN_RESTRICT __restrict
+#else
+#define CBN_RESTRICT restrict
+#endif
+
 #define CBN_LANES 16
 #define CBN_COLS 256
 
@@ -44,6 +51,32 @@ static inline double cbn_tree_sum(const double *acc)
     for (int j = 0; j < 4; j++)
         s4[j] = s8[j] + s8[j + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Per channel c of C: mean[c] and M2 m2[c] of `slots` partials, slot j holding counts[j] values of
+ * every channel with mean part_mean[j * C + c] and M2 part_m2[j * C + c]; merged in slot order with
+ * Chan, Golub & LeVeque's update, whose weights all channels share (so the loop over channels has
+ * no division and vectorizes). */
+CBN_CLONES static void cbn_merge_slots(ptrdiff_t slots, ptrdiff_t C, const double *counts,
+                                       const double *CBN_RESTRICT part_mean, const double *CBN_RESTRICT part_m2,
+                                       double *CBN_RESTRICT mean, double *CBN_RESTRICT m2)
+{
+    double n = 0;
+    for (ptrdiff_t c = 0; c < C; c++)
+        mean[c] = m2[c] = 0;
+    for (ptrdiff_t j = 0; j < slots; j++) {
+        double nb = counts[j];
+        if (nb == 0)
+            continue;
+        double total = n + nb, w_mean = nb / total, w_m2 = n * nb / total;
+        const double *mb = part_mean + j * C, *m2b = part_m2 + j * C;
+        for (ptrdiff_t c = 0; c < C; c++) {
+            double delta = mb[c] - mean[c];
+            mean[c] += delta * w_mean;
+            m2[c] += m2b[c] + delta * delta * w_m2;
+        }
+        n = total;
+    }
 }
 
 /* Activations fused into the elementwise passes (codes shared with _kernels.pyx). */

@@ -124,6 +124,45 @@ CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, pt
             sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
 }
 
+/* Per-channel work, one loop each that vectorizes (a small call spends much of its time here):
+ * mean is split into mu_hi + mu_lo, the nearest CBN_T and the rest. */
+
+/* Channels [0, n) of a forward: var (in: M2) becomes M2 / count, invstd = 1 / sqrt(var + eps), and p
+ * gets the normalize parameters in 4 rows ps apart: mu_hi, mu_lo, scale = invstd * gamma, shift = beta
+ * (gamma and beta NULL for ones and zeros). */
+CBN_CLONES static void CBN_FN(cbn_norm_params)(ptrdiff_t n, double count, double eps, const double *CBN_RESTRICT mean,
+                                               double *CBN_RESTRICT var, double *CBN_RESTRICT invstd,
+                                               const double *CBN_RESTRICT gamma, const double *CBN_RESTRICT beta,
+                                               CBN_T *CBN_RESTRICT p, ptrdiff_t ps)
+{
+    for (ptrdiff_t c = 0; c < n; c++) {
+        double v = var[c] / count, inv = 1.0 / sqrt(v + eps);
+        var[c] = v;
+        invstd[c] = inv;
+        p[c] = (CBN_T)mean[c];
+        p[ps + c] = (CBN_T)(mean[c] - (double)p[c]);
+        p[2 * ps + c] = (CBN_T)(gamma ? inv * gamma[c] : inv);
+        p[3 * ps + c] = (CBN_T)(beta ? beta[c] : 0.0);
+    }
+}
+
+/* Channels [0, n) of a gradient: p gets 5 rows ps apart, mu_hi, mu_lo, dy_mean = sum_dy / count,
+ * c_xmu = invstd**2 * sum_dy_xmu / count and k_dy = gamma * invstd, so that
+ * dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean))). */
+CBN_CLONES static void CBN_FN(cbn_grad_params)(ptrdiff_t n, double count, const double *CBN_RESTRICT mean,
+                                               const double *CBN_RESTRICT invstd, const double *CBN_RESTRICT gamma,
+                                               const double *CBN_RESTRICT sum_dy, const double *CBN_RESTRICT sum_dy_xmu,
+                                               CBN_T *CBN_RESTRICT p, ptrdiff_t ps)
+{
+    for (ptrdiff_t c = 0; c < n; c++) {
+        p[c] = (CBN_T)mean[c];
+        p[ps + c] = (CBN_T)(mean[c] - (double)p[c]);
+        p[2 * ps + c] = (CBN_T)(sum_dy[c] / count);
+        p[3 * ps + c] = (CBN_T)(invstd[c] * invstd[c] * sum_dy_xmu[c] / count);
+        p[4 * ps + c] = (CBN_T)(gamma[c] * invstd[c]);
+    }
+}
+
 /* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
 static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
 {
