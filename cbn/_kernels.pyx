@@ -53,6 +53,8 @@ cdef Py_ssize_t STREAM_BYTES = 1 << 22
 # Tiles cover at least this many values per channel, so that their partial
 # results (one per channel and tile) stay small next to the data.
 cdef Py_ssize_t MIN_TILE_VALUES = 256
+# Column-mode rows up to this size are not cut between tiles.
+cdef Py_ssize_t ROW_TILE_BYTES = 1 << 14
 
 
 # ==========================================================================
@@ -235,8 +237,12 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
     g.na = (g.A + g.ta - 1) // g.ta
     g.nct = (g.C + g.tct - 1) // g.tct
     g.nb = (g.B + g.tb - 1) // g.tb
+    # column mode: tiles of tr rows by tc channels, whole rows (contiguous
+    # memory) when rows are narrow enough and that leaves 8 tiles or more
     g.tc = clamp(g.C, chunk // MIN_TILE_VALUES)
-    g.tr = clamp(g.A, chunk // g.tc)
+    if g.C * <Py_ssize_t>sizeof(floating) <= ROW_TILE_BYTES and g.A >= 8 * MIN_TILE_VALUES:
+        g.tc = g.C
+    g.tr = clamp(g.A, chunk // min(g.tc, chunk // MIN_TILE_VALUES))
     g.nr = (g.A + g.tr - 1) // g.tr
     g.nc = (g.C + g.tc - 1) // g.tc
     g.tasks = g.nr * g.nc if g.columns else g.na * g.nct * g.nb

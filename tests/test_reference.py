@@ -296,6 +296,7 @@ THREAD_CASES = [
     ((4, 3, 300, 301), 1),  # row mode, channels too large to fuse: (a, c, b) tiles
     ((40000, 5, 7), 1),  # row mode, short runs, tiles of several channels
     ((3001, 70), 1),  # column mode (NC)
+    ((2100, 300), 1),  # column mode, tiles of whole rows
     ((5, 300, 70, 3), 2),  # row mode, runs of 3 values
 ]
 
