@@ -189,48 +189,39 @@ static inline double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * 
     }                                                                                               \
     } while (0)
 
-/* Writes the contiguous run OUT[0:n]: the statements after `stream` compute the k values that start
- * at index i0 into w.  Without stream, in one piece, w the run itself; with it, chunk by chunk into a
- * buffer in L1 that cbn_stream_copy moves out with non-temporal stores (cbn_stream.h): the same bits.
- * Runs too short to fill a few whole lines are written directly. */
-#define CBN_WRITE_RUN(OUT, n, stream, ...)                                                        \
+/* Streamed output (cbn_stream.h): the statements after `row` compute the k values of row `row` that
+ * start at index i0 into w, a buffer in L1 that cbn_stream_copy then moves to OUT + row * oa + i0 with
+ * non-temporal stores; the same bits as storing them directly.  Rows that follow each other in memory
+ * and are short go through the buffer several at a time, as one run; other rows chunk by chunk, ending
+ * on line boundaries; rows too short to fill a few whole lines are written directly.  The function
+ * ends with cbn_stream_fence(). */
+#define CBN_STREAM_ROWS(OUT, oa, m, n, row, ...)                                                    \
     do {                                                                                            \
-        if (!(stream) || (n) * (ptrdiff_t)sizeof(CBN_T) < CBN_STREAM_MIN_RUN) {                     \
-            const ptrdiff_t i0 = 0, k = (n);                                                        \
-            CBN_T *w = (OUT);                                                                       \
-            __VA_ARGS__;                                                                            \
-            break;                                                                                  \
-        }                                                                                           \
         CBN_T buf_[CBN_STREAM_BYTES / sizeof(CBN_T)];                                               \
-        for (ptrdiff_t i0 = 0, k; i0 < (n); i0 += k) {                                              \
-            k = cbn_stream_chunk((OUT) + i0, (n) - i0, sizeof(CBN_T));                              \
-            CBN_T *w = buf_;                                                                        \
-            __VA_ARGS__;                                                                            \
-            cbn_stream_copy((OUT) + i0, buf_, (size_t)k * sizeof(CBN_T));                           \
-        }                                                                                           \
-    } while (0)
-
-/* CBN_WRITE_RUN for each of m rows of n values, row `row` at OUT + row * oa.  Streamed rows that
- * follow each other in memory and are short go through the buffer several at a time, as one run. */
-#define CBN_WRITE_ROWS(OUT, oa, m, n, stream, row, ...)                                             \
-    do {                                                                                            \
-        ptrdiff_t batch_ = 1;                                                                       \
-        if ((stream) && (oa) == (n) && 2 * (n) * (ptrdiff_t)sizeof(CBN_T) <= CBN_STREAM_BYTES)      \
-            batch_ = CBN_STREAM_BYTES / ((n) * (ptrdiff_t)sizeof(CBN_T));                           \
-        if (batch_ == 1) {                                                                          \
-            for (ptrdiff_t row = 0; row < (m); row++)                                               \
-                CBN_WRITE_RUN((OUT) + row * (oa), n, stream, __VA_ARGS__);                          \
-            break;                                                                                  \
-        }                                                                                           \
-        CBN_T rows_[CBN_STREAM_BYTES / sizeof(CBN_T)];                                              \
+        const ptrdiff_t bytes_ = (n) * (ptrdiff_t)sizeof(CBN_T);                                    \
+        const ptrdiff_t batch_ = (oa) == (n) && 2 * bytes_ <= CBN_STREAM_BYTES ? CBN_STREAM_BYTES / bytes_ : 1; \
         for (ptrdiff_t r0_ = 0; r0_ < (m); r0_ += batch_) {                                         \
             ptrdiff_t nr_ = (m) - r0_ < batch_ ? (m) - r0_ : batch_;                                \
-            for (ptrdiff_t row = r0_; row < r0_ + nr_; row++) {                                     \
-                const ptrdiff_t i0 = 0, k = (n);                                                    \
-                CBN_T *w = rows_ + (row - r0_) * (n);                                               \
+            if (batch_ > 1) {                                                                       \
+                for (ptrdiff_t row = r0_; row < r0_ + nr_; row++) {                                 \
+                    const ptrdiff_t i0 = 0, k = (n);                                                \
+                    CBN_T *w = buf_ + (row - r0_) * (n);                                            \
+                    __VA_ARGS__;                                                                    \
+                }                                                                                   \
+                cbn_stream_copy((OUT) + r0_ * (oa), buf_, (size_t)(nr_ * bytes_));                  \
+            } else if (bytes_ < CBN_STREAM_MIN_RUN) {                                               \
+                const ptrdiff_t row = r0_, i0 = 0, k = (n);                                         \
+                CBN_T *w = (OUT) + row * (oa);                                                      \
                 __VA_ARGS__;                                                                        \
+            } else {                                                                                \
+                const ptrdiff_t row = r0_;                                                          \
+                for (ptrdiff_t i0 = 0, k; i0 < (n); i0 += k) {                                      \
+                    k = cbn_stream_chunk((OUT) + row * (oa) + i0, (n) - i0, sizeof(CBN_T));         \
+                    CBN_T *w = buf_;                                                                \
+                    __VA_ARGS__;                                                                    \
+                    cbn_stream_copy((OUT) + row * (oa) + i0, buf_, (size_t)k * sizeof(CBN_T));      \
+                }                                                                                   \
             }                                                                                       \
-            cbn_stream_copy((OUT) + r0_ * (oa), rows_, (size_t)(nr_ * (n)) * sizeof(CBN_T));        \
         }                                                                                           \
     } while (0)
 

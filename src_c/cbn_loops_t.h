@@ -172,29 +172,39 @@ static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int 
         CBN_ACTIVATE_LOOPS(n, act, slope, v[i * s]);
 }
 
-/* y = ((x - mu_hi) - mu_lo) * scale + shift: centred, never folded into x * a + b.
- * p holds 4 rows (mu_hi, mu_lo, scale, shift) of ps values, one per channel.  stream: contiguous
- * runs of y are written with non-temporal stores (CBN_WRITE_RUN). */
+/* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift): centred, never folded into u * a + b */
+static inline void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
+                                           CBN_T shift, int act, CBN_T slope)
+{
+    for (ptrdiff_t i = 0; i < k; i++)
+        w[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
+    if (act != CBN_IDENTITY)
+        CBN_FN(cbn_activate)(w, k, 1, act, slope);
+}
+
+/* y = act(((x - mu_hi) - mu_lo) * scale + shift) per channel; p holds 4 rows (mu_hi, mu_lo, scale,
+ * shift) of ps values, one per channel.  stream: contiguous runs of y are written with non-temporal
+ * stores (CBN_STREAM_ROWS). */
 CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *y,
                                                 ptrdiff_t ya, ptrdiff_t yc, ptrdiff_t sy, ptrdiff_t m, ptrdiff_t g,
                                                 ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope,
                                                 int stream)
 {
     for (ptrdiff_t r = 0; r < m; r++) {
-        if (sx == 1 && sy == 1) {
-            CBN_WRITE_ROWS(y + r * ya, yc, g, n, stream, c,
-                           const CBN_T *u = x + r * xa + c * xc + i0;
-                           CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-                           for (ptrdiff_t i = 0; i < k; i++)
-                               w[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
-                           if (act != CBN_IDENTITY)
-                               CBN_FN(cbn_activate)(w, k, 1, act, slope));
+        if (stream && sx == 1 && sy == 1) {
+            CBN_STREAM_ROWS(y + r * ya, yc, g, n, c,
+                            CBN_FN(cbn_affine_span)(w, x + r * xa + c * xc + i0, k, p[c], p[ps + c], p[2 * ps + c],
+                                                    p[3 * ps + c], act, slope));
             continue;
         }
         for (ptrdiff_t c = 0; c < g; c++) {
             const CBN_T *u = x + r * xa + c * xc;
             CBN_T *v = y + r * ya + c * yc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+            if (sx == 1 && sy == 1) {
+                CBN_FN(cbn_affine_span)(v, u, n, mu_hi, mu_lo, scale, shift, act, slope);
+                continue;
+            }
             for (ptrdiff_t i = 0; i < n; i++)
                 v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
             if (act != CBN_IDENTITY)
@@ -265,22 +275,28 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
         }
 }
 
-/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
- * that the mean and xhat absorb cancels before it is scaled.  p holds 5 rows (mu_hi, mu_lo,
- * dy_mean, c_xmu, k_dy) of ps values, one per channel. */
+/* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
+ * that the mean and xhat absorb cancels before it is scaled */
+static inline void CBN_FN(cbn_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi,
+                                         CBN_T mu_lo, CBN_T dy_mean, CBN_T c_xmu, CBN_T k_dy)
+{
+    for (ptrdiff_t i = 0; i < k; i++)
+        w[i] = ((q[i] - dy_mean) - ((u[i] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+}
+
+/* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy per channel; p holds 5 rows (mu_hi,
+ * mu_lo, dy_mean, c_xmu, k_dy) of ps values, one per channel; stream as for cbn_group_affine. */
 CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                               const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dx,
                                               ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so, ptrdiff_t m, ptrdiff_t g,
                                               ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int stream)
 {
+    const int contiguous = sd == 1 && sx == 1 && so == 1;
     for (ptrdiff_t r = 0; r < m; r++) {
-        if (sd == 1 && sx == 1 && so == 1) {
-            CBN_WRITE_ROWS(dx + r * oa, oc, g, n, stream, c,
-                           const CBN_T *q = dy + r * da + c * dc + i0, *u = x + r * xa + c * xc + i0;
-                           CBN_T mu_hi = p[c], mu_lo = p[ps + c], dy_mean = p[2 * ps + c], c_xmu = p[3 * ps + c];
-                           CBN_T k_dy = p[4 * ps + c];
-                           for (ptrdiff_t i = 0; i < k; i++)
-                               w[i] = ((q[i] - dy_mean) - ((u[i] - mu_hi) - mu_lo) * c_xmu) * k_dy);
+        if (stream && contiguous) {
+            CBN_STREAM_ROWS(dx + r * oa, oc, g, n, c,
+                            CBN_FN(cbn_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k, p[c],
+                                                  p[ps + c], p[2 * ps + c], p[3 * ps + c], p[4 * ps + c]));
             continue;
         }
         for (ptrdiff_t c = 0; c < g; c++) {
@@ -288,8 +304,11 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
             CBN_T *v = dx + r * oa + c * oc;
             CBN_T mu_hi = p[c], mu_lo = p[ps + c], dy_mean = p[2 * ps + c], c_xmu = p[3 * ps + c];
             CBN_T k_dy = p[4 * ps + c];
-            for (ptrdiff_t i = 0; i < n; i++)
-                v[i * so] = ((q[i * sd] - dy_mean) - ((u[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
+            if (contiguous)
+                CBN_FN(cbn_grad_span)(v, q, u, n, mu_hi, mu_lo, dy_mean, c_xmu, k_dy);
+            else
+                for (ptrdiff_t i = 0; i < n; i++)
+                    v[i * so] = ((q[i * sd] - dy_mean) - ((u[i * sx] - mu_hi) - mu_lo) * c_xmu) * k_dy;
         }
     }
     if (stream)
@@ -416,25 +435,36 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
     }
 }
 
-/* y = ((x - mu_hi) - mu_lo) * scale + shift per channel; p holds 4 rows (mu_hi, mu_lo, scale, shift)
- * of ps values */
+/* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift), a parameter per value */
+static inline void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
+                                                const CBN_T *mu_lo, const CBN_T *scale, const CBN_T *shift, int act,
+                                                CBN_T slope)
+{
+    for (ptrdiff_t i = 0; i < k; i++)
+        w[i] = ((u[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+    if (act != CBN_IDENTITY)
+        CBN_FN(cbn_activate)(w, k, 1, act, slope);
+}
+
+/* y = act(((x - mu_hi) - mu_lo) * scale + shift) per channel; p holds 4 rows (mu_hi, mu_lo, scale,
+ * shift) of ps values; stream: contiguous rows of y are written with non-temporal stores. */
 CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, CBN_T *y, ptrdiff_t ya,
                                                ptrdiff_t sy, ptrdiff_t m, ptrdiff_t n, const CBN_T *p, ptrdiff_t ps,
                                                int act, CBN_T slope, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
-    if (sx == 1 && sy == 1) {
-        CBN_WRITE_ROWS(y, ya, m, n, stream, r,
-                       const CBN_T *u = x + r * xa + i0;
-                       for (ptrdiff_t i = 0; i < k; i++)
-                           w[i] = ((u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i]) * scale[i0 + i] + shift[i0 + i];
-                       if (act != CBN_IDENTITY)
-                           CBN_FN(cbn_activate)(w, k, 1, act, slope));
-        if (stream)
-            cbn_stream_fence();
+    if (stream && sx == 1 && sy == 1) {
+        CBN_STREAM_ROWS(y, ya, m, n, r,
+                        CBN_FN(cbn_cols_affine_span)(w, x + r * xa + i0, k, mu_hi + i0, mu_lo + i0, scale + i0,
+                                                     shift + i0, act, slope));
+        cbn_stream_fence();
         return;
     }
     for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
+        if (sx == 1 && sy == 1) {
+            CBN_FN(cbn_cols_affine_span)(y, x, n, mu_hi, mu_lo, scale, shift, act, slope);
+            continue;
+        }
         for (ptrdiff_t i = 0; i < n; i++)
             y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
         if (act != CBN_IDENTITY)
@@ -458,46 +488,67 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
     }
 }
 
+/* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy, a parameter per value */
+static inline void CBN_FN(cbn_cols_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
+                                              const CBN_T *mu_lo, const CBN_T *dy_mean, const CBN_T *c_xmu,
+                                              const CBN_T *k_dy)
+{
+    for (ptrdiff_t i = 0; i < k; i++)
+        w[i] = ((q[i] - dy_mean[i]) - ((u[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+}
+
 /* dx = ((dy - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy per channel; p holds 5 rows
- * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy) of ps values */
+ * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy) of ps values; stream as for cbn_cols_affine */
 CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x, ptrdiff_t xa,
                                              ptrdiff_t sx, CBN_T *dx, ptrdiff_t oa, ptrdiff_t so, ptrdiff_t m,
                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
-    if (sd == 1 && sx == 1 && so == 1) {
-        CBN_WRITE_ROWS(dx, oa, m, n, stream, r,
-                       const CBN_T *q = dy + r * da + i0, *u = x + r * xa + i0;
-                       for (ptrdiff_t i = 0; i < k; i++)
-                           w[i] = ((q[i] - dy_mean[i0 + i]) - ((u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i])
-                                   * c_xmu[i0 + i]) * k_dy[i0 + i]);
-        if (stream)
-            cbn_stream_fence();
+    const int contiguous = sd == 1 && sx == 1 && so == 1;
+    if (stream && contiguous) {
+        CBN_STREAM_ROWS(dx, oa, m, n, r,
+                        CBN_FN(cbn_cols_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, mu_hi + i0, mu_lo + i0,
+                                                   dy_mean + i0, c_xmu + i0, k_dy + i0));
+        cbn_stream_fence();
         return;
     }
-    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa)
-        for (ptrdiff_t i = 0; i < n; i++)
-            dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+    for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
+        if (contiguous)
+            CBN_FN(cbn_cols_grad_span)(dx, dy, x, n, mu_hi, mu_lo, dy_mean, c_xmu, k_dy);
+        else
+            for (ptrdiff_t i = 0; i < n; i++)
+                dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
+    }
 }
 
-/* cbn_cols_grad of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), the slope recomputed
- * from x rather than dz stored and read back; contiguous rows; p holds 7 rows (mu_hi, mu_lo, dy_mean,
- * c_xmu, k_dy, scale, shift) of ps values.  The same dz, so the same bits as storing it. */
+/* cbn_cols_grad_span of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), the slope
+ * recomputed from x rather than dz stored and read back; p holds 7 rows (mu_hi, mu_lo, dy_mean,
+ * c_xmu, k_dy, scale, shift) of ps values, from index i0.  The same dz, so the same bits as storing it. */
+static inline void CBN_FN(cbn_cols_relu_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k,
+                                                   const CBN_T *p, ptrdiff_t ps, CBN_T low)
+{
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
+    const CBN_T *scale = p + 5 * ps, *shift = p + 6 * ps;
+    for (ptrdiff_t i = 0; i < k; i++) {
+        CBN_T xm = (u[i] - mu_hi[i]) - mu_lo[i];
+        CBN_T d = q[i] * CBN_RELU_SLOPE(xm * scale[i] + shift[i], low);
+        w[i] = ((d - dy_mean[i]) - xm * c_xmu[i]) * k_dy[i];
+    }
+}
+
+/* cbn_cols_grad through ReLU or leaky ReLU (cbn_cols_relu_grad_span), contiguous rows */
 CBN_CLONES static void CBN_FN(cbn_cols_relu_grad)(const CBN_T *dy, ptrdiff_t da, const CBN_T *x, ptrdiff_t xa,
                                                   CBN_T *dx, ptrdiff_t oa, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
                                                   ptrdiff_t ps, CBN_T low, int stream)
 {
-    const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
-    const CBN_T *scale = p + 5 * ps, *shift = p + 6 * ps;
-    CBN_WRITE_ROWS(dx, oa, m, n, stream, r,
-                   const CBN_T *q = dy + r * da + i0, *u = x + r * xa + i0;
-                   for (ptrdiff_t i = 0; i < k; i++) {
-                       CBN_T xm = (u[i] - mu_hi[i0 + i]) - mu_lo[i0 + i];
-                       CBN_T d = q[i] * CBN_RELU_SLOPE(xm * scale[i0 + i] + shift[i0 + i], low);
-                       w[i] = ((d - dy_mean[i0 + i]) - xm * c_xmu[i0 + i]) * k_dy[i0 + i];
-                   });
-    if (stream)
+    if (stream) {
+        CBN_STREAM_ROWS(dx, oa, m, n, r,
+                        CBN_FN(cbn_cols_relu_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, p + i0, ps, low));
         cbn_stream_fence();
+        return;
+    }
+    for (ptrdiff_t r = 0; r < m; r++)
+        CBN_FN(cbn_cols_relu_grad_span)(dx + r * oa, dy + r * da, x + r * xa, n, p, ps, low);
 }
 
 #undef CBN_FN
