@@ -5,8 +5,9 @@ count at a time (OpenMP for cbn through threadpoolctl-compatible
 ``omp_set_num_threads``, ``torch.set_num_threads`` for PyTorch).  The floor is
 a copy of the same bytes at the same thread count: the faster of one
 ``np.copyto`` and the array split into one ``np.copyto`` per thread, run from
-that many Python threads.  Ratios, not absolute times, are the result: the
-machine may be shared and noisy.
+that many Python threads.  For each operation the copies, cbn and PyTorch take
+turns, so that the machine's drift hits every timing of a ratio alike.  Ratios,
+not absolute times, are the result: the machine may be shared and noisy.
 """
 import argparse
 import concurrent.futures
@@ -74,19 +75,15 @@ def _best_interleaved(funcs, repeat):
     return best
 
 
-def _copy_time(src, dst, threads, pool, repeat):
-    """The floor: the faster of one np.copyto and one np.copyto per thread."""
-    single = _best(lambda: np.copyto(dst, src), repeat)
-    if threads == 1:
-        return single
-    flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
-    bounds = np.linspace(0, flat_src.size, threads + 1).astype(int)
-    pieces = [(flat_dst[a:b], flat_src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
-
-    def split():
-        list(pool.map(lambda p: np.copyto(*p), pieces))
-
-    return min(single, _best(split, repeat))
+def _copies(src, dst, threads, pool):
+    """The floor's candidates: one np.copyto, and (threads > 1) one np.copyto per thread."""
+    funcs = [lambda: np.copyto(dst, src)]
+    if threads > 1:
+        flat_src, flat_dst = src.reshape(-1), dst.reshape(-1)
+        bounds = np.linspace(0, flat_src.size, threads + 1).astype(int)
+        pieces = [(flat_dst[a:b], flat_src[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+        funcs.append(lambda: list(pool.map(lambda p: np.copyto(*p), pieces)))
+    return funcs
 
 
 class _Torch:
@@ -165,7 +162,7 @@ def run(cases, dtypes, threads, repeat, with_reference=True, progress=True, acti
         _set_threads(n)
         big = x.nbytes >= LARGE_BYTES
         reps = max(3, repeat // 2) if big else repeat
-        copy = _copy_time(x, np.empty_like(x), n, pool, reps)
+        copies = _copies(x, np.empty_like(x), n, pool)
         calls = _cbn_calls(x, axis, dy, cbn, activation)
         plain_calls = _cbn_calls(x, axis, dy, cbn) if activation is not None else None
         ref_calls = _cbn_calls(x, axis, dy, cbn.reference, activation) if with_reference and not big else None
@@ -174,15 +171,19 @@ def run(cases, dtypes, threads, repeat, with_reference=True, progress=True, acti
             torch.set_threads(n)
             torch_calls = torch.prepare(x, axis, dy)
         for op in OPS:
-            if plain_calls:  # with and without the activation taking turns: their ratio is what is asked
-                cbn_s, plain_s = _best_interleaved([calls[op], plain_calls[op]], reps)
-            else:
-                cbn_s, plain_s = _best(calls[op], reps), None
+            # the copies, cbn, PyTorch and cbn without the activation take turns, so that drift of
+            # this shared machine's speed hits every timing of a ratio alike
+            others = [f[op] for f in (torch_calls, plain_calls) if f]
+            times = _best_interleaved([*copies, calls[op], *others], reps)
+            copy, cbn_s = min(times[: len(copies)]), times[len(copies)]
+            others_s = iter(times[len(copies) + 1 :])
+            torch_s = next(others_s) if torch_calls else None
+            plain_s = next(others_s) if plain_calls else None
             record = {
                 "case": name, "shape": list(shape), "channel_axis": axis, "dtype": np.dtype(dtype).name,
                 "threads": n, "op": op, "bytes": x.nbytes, "copy_s": copy,
                 "cbn_s": cbn_s,
-                "torch_s": _best(torch_calls[op], reps) if torch_calls else None,
+                "torch_s": torch_s,
                 "reference_s": _best(ref_calls[op], 2, warmup=0) if ref_calls else None,
                 "activation": activation,
                 "plain_s": plain_s,

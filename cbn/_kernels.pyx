@@ -978,6 +978,8 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
                 set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3, c])
         if group:
             # fused: a group's dy and x blocks are read once, dx computed from L2
+            if act:  # dz fills dx's block first: streaming dx over those dirty lines would write them twice
+                dxv.stream = False
             n_groups = (C + group - 1) // group
             nt = n_threads(3 * A * B * C * sizeof(floating), n_groups)
             with nogil:

@@ -164,7 +164,7 @@ CBN_CLONES static void CBN_FN(cbn_grad_params)(ptrdiff_t n, double count, const 
 }
 
 /* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
-static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
+CBN_INLINE void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
 {
     if (s == 1)
         CBN_ACTIVATE_LOOPS(n, act, slope, v[i]);
@@ -173,7 +173,7 @@ static inline void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int 
 }
 
 /* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift): centred, never folded into u * a + b */
-static inline void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
+CBN_INLINE void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
                                            CBN_T shift, int act, CBN_T slope)
 {
     for (ptrdiff_t i = 0; i < k; i++)
@@ -277,7 +277,7 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
 
 /* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
  * that the mean and xhat absorb cancels before it is scaled */
-static inline void CBN_FN(cbn_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi,
+CBN_INLINE void CBN_FN(cbn_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi,
                                          CBN_T mu_lo, CBN_T dy_mean, CBN_T c_xmu, CBN_T k_dy)
 {
     for (ptrdiff_t i = 0; i < k; i++)
@@ -436,7 +436,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
 }
 
 /* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift), a parameter per value */
-static inline void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
+CBN_INLINE void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
                                                 const CBN_T *mu_lo, const CBN_T *scale, const CBN_T *shift, int act,
                                                 CBN_T slope)
 {
@@ -489,7 +489,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
 }
 
 /* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy, a parameter per value */
-static inline void CBN_FN(cbn_cols_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
+CBN_INLINE void CBN_FN(cbn_cols_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
                                               const CBN_T *mu_lo, const CBN_T *dy_mean, const CBN_T *c_xmu,
                                               const CBN_T *k_dy)
 {
@@ -524,7 +524,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrd
 /* cbn_cols_grad_span of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), the slope
  * recomputed from x rather than dz stored and read back; p holds 7 rows (mu_hi, mu_lo, dy_mean,
  * c_xmu, k_dy, scale, shift) of ps values, from index i0.  The same dz, so the same bits as storing it. */
-static inline void CBN_FN(cbn_cols_relu_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k,
+CBN_INLINE void CBN_FN(cbn_cols_relu_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k,
                                                    const CBN_T *p, ptrdiff_t ps, CBN_T low)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;

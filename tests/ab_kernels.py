@@ -1,0 +1,99 @@
+"""Two builds of cbn's kernels timed against each other in one process (a diagnostic, not a test).
+
+This machine is shared and its speed drifts by 20-30 % within minutes, more
+than most kernel changes gain or lose.  Timing the old and the new build in
+separate runs then measures the drift; this loads both compiled modules into
+one process and takes turns between them, best of 9, so both see the same
+machine.  Build the old one from a commit into its own directory first::
+
+    git worktree add /tmp/old COMMIT
+    pip install --no-build-isolation --no-deps --target /tmp/old-build /tmp/old
+    OMP_NUM_THREADS=2 python tests/ab_kernels.py /tmp/old-build [float32|float64] [AxCxB,...]
+
+It times the kernels themselves (training forward, inference, backward) on
+(A, C, B) views: B > 1 is row mode (NCHW: A=N, B=H*W), B = 1 column mode (NC,
+NHWC); the installed cbn is "new".  Ratios below 1 mean the new build is faster.
+
+``python tests/ab_kernels.py --stream [dtype] [cases]`` instead compares the
+installed build with itself: plain stores ("old") against non-temporal stores
+forced at every size ("new"), which shows where streaming starts to pay
+(``_kernels.stream_bytes``).
+"""
+import glob
+import importlib.util
+import sys
+import timeit
+import types
+
+import numpy as np
+
+import cbn._kernels as new
+
+CASES = "32x64x3136,64x256x196,4096x1024x1,100352x64x1,8x32x16384,32x256x3136,64x128x1,16x32x64"
+
+
+def load_old(build_dir):
+    """The _kernels module of another build, under a package name of its own."""
+    path = glob.glob(f"{build_dir}/cbn/_kernels*.so")[0]
+    package = types.ModuleType("old_cbn")
+    package.__path__ = []
+    sys.modules["old_cbn"] = package
+    spec = importlib.util.spec_from_file_location("old_cbn._kernels", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare(variants, shape, dtype, repeat=9):
+    """{op: (old seconds, new seconds)} per call, best of ``repeat`` interleaved rounds.
+
+    variants: two (kernels module, setup) pairs, setup called before each of its timings."""
+    a, c, b = shape
+    name = "float" if dtype == np.float32 else "double"
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(shape).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    y = np.empty_like(x)
+    gamma, beta, stats, sums = np.ones(c), np.zeros(c), np.empty((3, c)), np.empty((2, c))
+    new.forward_train[name](x, y, gamma, beta, 1e-5, stats, 0, 0.0)
+    params = np.stack([stats[0], stats[2], gamma])  # mean, invstd, gamma
+    running_mean, running_var = stats[0].copy(), stats[1].copy()
+    calls = {
+        "train": lambda m: m.forward_train[name](x, y, gamma, beta, 1e-5, stats, 0, 0.0),
+        "infer": lambda m: m.inference[name](x, y, running_mean, running_var, gamma, beta, 1e-5, 0, 0.0),
+        "backward": lambda m: m.backward[name](dy, x, y, params, sums, 0, 0.0),
+    }
+    number = max(3, 1_000_000 // x.size)
+    result = {}
+    for op, call in calls.items():
+        best = [np.inf, np.inf]
+        for _ in range(repeat):
+            for k, (module, setup) in enumerate(variants):
+                setup()
+                best[k] = min(best[k], timeit.timeit(lambda: call(module), number=number) / number)
+        result[op] = tuple(best)
+    return result
+
+
+def main(argv):
+    if argv[1] == "--stream":
+        setting = new.stream_bytes()
+        variants = [(new, lambda: new.stream_bytes(-1)), (new, lambda: new.stream_bytes(0))]
+        print(f"{new.__file__}: plain stores -> non-temporal stores")
+    else:
+        old = load_old(argv[1])
+        variants = [(old, lambda: None), (new, lambda: None)]
+        print(f"old {old.__file__}\nnew {new.__file__}")
+    dtype = np.dtype(argv[2] if len(argv) > 2 else "float32")
+    shapes = [tuple(int(n) for n in case.split("x")) for case in (argv[3] if len(argv) > 3 else CASES).split(",")]
+    print(f"threads {new.max_threads()}, {dtype.name}, us per call")
+    for shape in shapes:
+        result = compare(variants, shape, dtype)
+        cells = "  ".join(f"{op} {t0 * 1e6:.1f} -> {t1 * 1e6:.1f} ({t1 / t0:.2f})" for op, (t0, t1) in result.items())
+        print(f"{'x'.join(map(str, shape))} ({np.prod(shape) * dtype.itemsize / 2**20:.2f} MiB): {cells}", flush=True)
+    if argv[1] == "--stream":
+        new.stream_bytes(setting)
+
+
+if __name__ == "__main__":
+    main(sys.argv)
