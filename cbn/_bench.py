@@ -63,14 +63,19 @@ def _best(func, repeat, warmup=1):
 
 
 def _best_interleaved(funcs, repeat):
-    """Best wall time of each function, the functions taking turns, so that drift hits them alike."""
+    """Best wall time of each function, the functions taking turns, so that drift hits them alike.
+
+    The order rotates from one round to the next: a small array's call right
+    after another function's (a copy that evicted it from L1, say) is slower
+    than one right after its own, and every function gets every place."""
     for func in funcs:
         func()
     best = [math.inf] * len(funcs)
-    for _ in range(repeat):
-        for i, func in enumerate(funcs):
+    n = len(funcs)
+    for r in range(max(repeat, n)):
+        for i in (*range(r % n, n), *range(r % n)):
             start = time.perf_counter()
-            func()
+            funcs[i]()
             best[i] = min(best[i], time.perf_counter() - start)
     return best
 
