@@ -42,6 +42,7 @@ def _config():
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": f"{sys.platform}-{platform.machine()}",
+        "stream_bytes": _kernels.stream_bytes() if _kernels.has_stream_stores() else None,
         "gpu": _gpu_status(),
     }
 
@@ -51,7 +52,9 @@ def show_config(mode="stdout"):
 
     Reports the version, whether the kernels were built with OpenMP and which
     runtime they use, the default thread count (``OMP_NUM_THREADS``,
-    threadpoolctl), NumPy's version, and whether the GPU path is available.
+    threadpoolctl), from which output size non-temporal stores are used
+    (``stream_bytes``; None where the build has none), NumPy's version, and
+    whether the GPU path is available.
 
     Examples
     --------
@@ -71,6 +74,13 @@ def show_config(mode="stdout"):
     print(f"cbn {config['cbn']}")
     print(f"  OpenMP:          {openmp}")
     print(f"  default threads: {config['threads']}")
+    if config["stream_bytes"] is None:
+        stream = "off (no non-temporal stores in this build)"
+    elif config["stream_bytes"] < 0:
+        stream = "off"
+    else:
+        stream = f"non-temporal stores for outputs of {config['stream_bytes'] / 2**20:g} MiB and more"
+    print(f"  streaming:       {stream}")
     print(f"  NumPy:           {config['numpy']}")
     print(f"  Python:          {config['python']} ({config['platform']})")
     print(f"  GPU path:        {config['gpu']}")

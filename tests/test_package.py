@@ -14,6 +14,7 @@ import cbn
 import cbn._api
 import cbn._config
 import cbn._layer
+from cbn import _kernels
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -37,9 +38,10 @@ def test_show_config_reports_what_the_issue_asks(capsys):
     assert config["threads"] >= 1
     assert isinstance(config["openmp"], bool)
     assert config["gpu"].startswith(("unavailable", "CuPy"))
+    assert config["stream_bytes"] == (_kernels.stream_bytes() if _kernels.has_stream_stores() else None)
     cbn.show_config()
     printed = capsys.readouterr().out
-    for word in ("cbn", "OpenMP", "default threads", "NumPy", "GPU path"):
+    for word in ("cbn", "OpenMP", "default threads", "streaming", "NumPy", "GPU path"):
         assert word in printed
     with pytest.raises(ValueError, match="mode must be"):
         cbn.show_config(mode="yaml")
