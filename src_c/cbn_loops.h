@@ -203,8 +203,8 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
  * start at index i0 into w, a buffer in L1 that cbn_stream_copy then moves to OUT + row * oa + i0 with
  * non-temporal stores; the same bits as storing them directly.  Rows that follow each other in memory
  * and are short go through the buffer several at a time, as one run; other rows chunk by chunk, ending
- * on line boundaries; rows too short to fill a few whole lines are written directly.  The function
- * ends with cbn_stream_fence(). */
+ * on line boundaries; rows too short to fill a few whole lines are written directly.  The calling
+ * function ends with one cbn_stream_fence() after its last CBN_STREAM_ROWS (a fence per row costs). */
 #define CBN_STREAM_ROWS(OUT, oa, m, n, row, ...)                                                    \
     do {                                                                                            \
         CBN_T buf_[CBN_STREAM_BYTES / sizeof(CBN_T)];                                               \

@@ -362,6 +362,16 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
     }
 }
 
+/* acc_dy[i] += g[i] and acc_dy_xmu[i] += g[i] * (v[i] - mu[i]) over one row of w channels (strides sg, sv) */
+CBN_INLINE void CBN_FN(cbn_cols_acc_row)(double *acc_dy, double *acc_dy_xmu, const CBN_T *g, ptrdiff_t sg,
+                                         const CBN_T *v, ptrdiff_t sv, const double *mu, ptrdiff_t w)
+{
+    for (ptrdiff_t i = 0; i < w; i++) {
+        acc_dy[i] += g[i * sg];
+        acc_dy_xmu[i] += g[i * sg] * (v[i * sv] - mu[i]);
+    }
+}
+
 /* Per channel: sum_dy[i] = sum(dy), sum_dy_xmu[i] = sum(dy * (x - mu[i])) over the m rows. */
 CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
                                                   ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
@@ -372,16 +382,10 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
         double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
-            if (sd == 1 && sx == 1)
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    acc_dy[i] += g[i];
-                    acc_dy_xmu[i] += g[i] * (v[i] - mu[c0 + i]);
-                }
+            if (sd == 1 && sx == 1)  /* unit strides as constants: the loop vectorizes */
+                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, g, 1, v, 1, mu + c0, w);
             else
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    acc_dy[i] += g[i * sd];
-                    acc_dy_xmu[i] += g[i * sd] * (v[i * sx] - mu[c0 + i]);
-                }
+                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, g, sd, v, sx, mu + c0, w);
         }
         for (ptrdiff_t i = 0; i < w; i++) {
             sum_dy[c0 + i] = acc_dy[i];
@@ -415,17 +419,11 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
                 }
             } else if (sd == 1 && sx == 1 && so == 1) {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i], ((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i]);
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    acc_dy[i] += o[i];
-                    acc_dy_xmu[i] += o[i] * (v[i] - mu[c0 + i]);
-                }
+                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, o, 1, v, 1, mu + c0, w);
             } else {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i * sd],
                                    ((v[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], o[i * so]);
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    acc_dy[i] += o[i * so];
-                    acc_dy_xmu[i] += o[i * so] * (v[i * sx] - mu[c0 + i]);
-                }
+                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, o, so, v, sx, mu + c0, w);
             }
         }
         for (ptrdiff_t i = 0; i < w; i++) {

@@ -8,11 +8,13 @@ machine.  Build the old one from a commit into its own directory first::
 
     git worktree add /tmp/old COMMIT
     pip install --no-build-isolation --no-deps --target /tmp/old-build /tmp/old
-    OMP_NUM_THREADS=2 python tests/ab_kernels.py /tmp/old-build [float32|float64] [AxCxB,...]
+    OMP_NUM_THREADS=2 python tests/ab_kernels.py /tmp/old-build [float32|float64] [AxCxB,...] [ACTIVATION]
 
 It times the kernels themselves (training forward, inference, backward) on
 (A, C, B) views: B > 1 is row mode (NCHW: A=N, B=H*W), B = 1 column mode (NC,
 NHWC); the installed cbn is "new".  Ratios below 1 mean the new build is faster.
+ACTIVATION (relu, leaky_relu, sigmoid, tanh) fuses that activation into the
+training forward and the backward (inference is timed without it).
 
 ``python tests/ab_kernels.py --stream [dtype] [cases]`` instead compares the
 installed build with itself: plain stores ("old") against non-temporal stores
@@ -44,7 +46,10 @@ def load_old(build_dir):
     return module
 
 
-def compare(variants, shape, dtype, repeat=9):
+ACTIVATIONS = {"none": 0, "relu": 1, "leaky_relu": 2, "sigmoid": 3, "tanh": 4}  # codes of src_c/cbn_loops.h
+
+
+def compare(variants, shape, dtype, act=0, repeat=9):
     """{op: (old seconds, new seconds)} per call, best of ``repeat`` interleaved rounds.
 
     variants: two (kernels module, setup) pairs, setup called before each of its timings."""
@@ -54,14 +59,14 @@ def compare(variants, shape, dtype, repeat=9):
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     y = np.empty_like(x)
-    gamma, beta, stats, sums = np.ones(c), np.zeros(c), np.empty((3, c)), np.empty((2, c))
+    gamma, beta, stats, sums = np.ones(c), np.full(c, 0.1), np.empty((3, c)), np.empty((2, c))
     new.forward_train[name](x, y, gamma, beta, 1e-5, stats, 0, 0.0)
-    params = np.stack([stats[0], stats[2], gamma])  # mean, invstd, gamma
+    params = np.stack([stats[0], stats[2], gamma, beta])  # mean, invstd, gamma, beta
     running_mean, running_var = stats[0].copy(), stats[1].copy()
     calls = {
-        "train": lambda m: m.forward_train[name](x, y, gamma, beta, 1e-5, stats, 0, 0.0),
+        "train": lambda m: m.forward_train[name](x, y, gamma, beta, 1e-5, stats, act, 0.01),
         "infer": lambda m: m.inference[name](x, y, running_mean, running_var, gamma, beta, 1e-5, 0, 0.0),
-        "backward": lambda m: m.backward[name](dy, x, y, params, sums, 0, 0.0),
+        "backward": lambda m: m.backward[name](dy, x, y, params, sums, act, 0.01),
     }
     number = max(3, 1_000_000 // x.size)
     result = {}
@@ -86,9 +91,10 @@ def main(argv):
         print(f"old {old.__file__}\nnew {new.__file__}")
     dtype = np.dtype(argv[2] if len(argv) > 2 else "float32")
     shapes = [tuple(int(n) for n in case.split("x")) for case in (argv[3] if len(argv) > 3 else CASES).split(",")]
-    print(f"threads {new.max_threads()}, {dtype.name}, us per call")
+    activation = argv[4] if len(argv) > 4 else "none"
+    print(f"threads {new.max_threads()}, {dtype.name}, activation {activation}, us per call")
     for shape in shapes:
-        result = compare(variants, shape, dtype)
+        result = compare(variants, shape, dtype, ACTIVATIONS[activation])
         cells = "  ".join(f"{op} {t0 * 1e6:.1f} -> {t1 * 1e6:.1f} ({t1 / t0:.2f})" for op, (t0, t1) in result.items())
         print(f"{'x'.join(map(str, shape))} ({np.prod(shape) * dtype.itemsize / 2**20:.2f} MiB): {cells}", flush=True)
     if argv[1] == "--stream":
