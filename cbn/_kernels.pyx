@@ -32,7 +32,7 @@ import os
 from cython cimport floating
 from cython.parallel cimport prange
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy
+from libc.string cimport memcpy, memset
 
 cdef extern from "cbn_openmp.h":
     int omp_get_max_threads() noexcept nogil
@@ -220,13 +220,17 @@ cdef struct Grid:
     Py_ssize_t tasks
 
 
-cdef Grid make_grid(const floating[:, :, :] x) noexcept:
-    """The work grid of a view: its mode, and cuts that depend on the shape only."""
+cdef inline Grid make_grid(const floating[:, :, :] x) noexcept:
+    return shape_grid(x.shape[0], x.shape[1], x.shape[2], sizeof(floating))
+
+
+cdef Grid shape_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsize) noexcept nogil:
+    """The work grid of an (A, C, B) view: its mode, and cuts that depend on the shape only."""
     cdef Grid g
-    cdef Py_ssize_t chunk = CHUNK_BYTES // <Py_ssize_t>sizeof(floating)
-    g.A = x.shape[0]
-    g.C = x.shape[1]
-    g.B = x.shape[2]
+    cdef Py_ssize_t chunk = CHUNK_BYTES // itemsize
+    g.A = A
+    g.C = C
+    g.B = B
     g.R = g.A * g.B
     # cbn._layout puts the channel axis last (B == 1) when channels are the
     # finest axis; otherwise runs along b are the contiguous ones
@@ -240,7 +244,7 @@ cdef Grid make_grid(const floating[:, :, :] x) noexcept:
     # column mode: tiles of tr rows by tc channels, whole rows (contiguous
     # memory) when rows are narrow enough and that leaves 8 tiles or more
     g.tc = clamp(g.C, chunk // MIN_TILE_VALUES)
-    if g.C * <Py_ssize_t>sizeof(floating) <= ROW_TILE_BYTES and g.A >= 8 * MIN_TILE_VALUES:
+    if g.C * itemsize <= ROW_TILE_BYTES and g.A >= 8 * MIN_TILE_VALUES:
         g.tc = g.C
     g.tr = clamp(g.A, chunk // min(g.tc, chunk // MIN_TILE_VALUES))
     g.nr = (g.A + g.tr - 1) // g.tr
@@ -646,27 +650,33 @@ def inference(const floating[:, :, :] x,     # IN  (A, C, B)
               double eps,
               int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
     """y = act((x - mean) * (1 / sqrt(var + eps) * gamma) + beta), per channel."""
+    cdef floating *kind = NULL
     cdef View xv, yv
     cdef Grid g
-    cdef floating *p
-    cdef double *v
-    cdef Py_ssize_t C = x.shape[1]
     cdef Act a = Act(act, slope)
-    cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
-    cdef const double *bet = &beta[0] if beta.shape[0] else NULL
     if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     xv = view_of(x)
     yv = view_of(y)
     g = make_grid(x)
-    p = <floating *>scratch(4 * C, sizeof(floating), False)
-    v = <double *>scratch(2 * C, sizeof(double), False)  # the variance and invstd, not returned
+    inference_views(&xv, &yv, &g, &mean[0], &var[0], &gamma[0] if gamma.shape[0] else NULL,
+                    &beta[0] if beta.shape[0] else NULL, eps, &a, kind)
+
+
+cdef int inference_views(const View *xv, const View *yv, const Grid *g, const double *mean, const double *var,
+                         const double *gamma, const double *beta, double eps, const Act *a,
+                         floating *kind) except -1:
+    """inference() on views (gamma, beta NULL: ones and zeros)."""
+    cdef Py_ssize_t C = g.C
+    cdef floating *p = <floating *>scratch(4 * C, sizeof(floating), False)
+    cdef double *v = <double *>scratch(2 * C, sizeof(double), False)  # the variance and invstd, not returned
     with nogil:
-        memcpy(v, &var[0], C * sizeof(double))
-        finish_channels(0, C, C, 1.0, eps, gam, bet, &mean[0], v, v + C, p)
-        grid_affine(&xv, &yv, &g, p, &a)
+        memcpy(v, var, C * sizeof(double))
+        finish_channels(0, C, C, 1.0, eps, gamma, beta, mean, v, v + C, p)
+        grid_affine(xv, yv, g, p, a)
     free(v)
     free(p)
+    return 0
 
 
 cdef inline void finish_channels(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, double count, double eps,
@@ -703,50 +713,55 @@ def forward_train(const floating[:, :, :] x,   # IN  (A, C, B), A * B > 1
                   int act=0, double slope=0.0):  # activation code (cbn_loops.h), leaky-ReLU slope
     """Training forward: batch statistics, then y = act(normalized), in as few passes as fit."""
     cdef floating *kind = NULL
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef const double *gam = &gamma[0] if gamma.shape[0] else NULL
-    cdef const double *bet = &beta[0] if beta.shape[0] else NULL
-    cdef double *mean
-    cdef double *var
-    cdef double *invstd
     cdef View xv, yv
     cdef Grid g
-    cdef floating *p
-    cdef double *part
-    cdef Py_ssize_t k, group, n_groups
-    cdef int nt
     cdef Act a = Act(act, slope)
-    if A * B * C == 0:
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
-    stats[:, :] = 0
-    mean, var, invstd = &stats[0, 0], &stats[1, 0], &stats[2, 0]
     xv = view_of(x)
     yv = view_of(y)
     g = make_grid(x)
-    group = fused_group(&g, 1, sizeof(floating))
+    train_views(&xv, &yv, &g, &gamma[0] if gamma.shape[0] else NULL, &beta[0] if beta.shape[0] else NULL, eps,
+                &stats[0, 0], &a, kind)
+
+
+cdef int train_views(const View *xv, const View *yv, const Grid *g, const double *gamma, const double *beta,
+                     double eps, double *stats, const Act *a, floating *kind) except -1:
+    """forward_train() on views; stats: 3 rows of C doubles (gamma, beta NULL: ones and zeros)."""
+    cdef Py_ssize_t C = g.C
+    cdef double *mean = stats
+    cdef double *var = stats + C
+    cdef double *invstd = stats + 2 * C
+    cdef Py_ssize_t group = fused_group(g, 1, sizeof(floating))
+    cdef Py_ssize_t k, n_groups
+    cdef floating *p
+    cdef double *part
+    cdef int nt
+    memset(stats, 0, 3 * C * sizeof(double))
     p = <floating *>scratch(4 * C, sizeof(floating), False)
     try:
         if group:
             # fused: a group's blocks are read from memory once, then served from L2
             n_groups = (C + group - 1) // group
-            nt = n_threads(2 * A * B * C * sizeof(floating), n_groups)
+            nt = n_threads(2 * g.R * C * sizeof(floating), n_groups)
             with nogil:
                 if nt == 1:
                     for k in range(n_groups):
-                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, &a, kind)
+                        train_group_task(xv, yv, g, k, group, eps, gamma, beta, mean, var, invstd, p, a, kind)
                 else:
                     for k in prange(n_groups, num_threads=nt, schedule="static"):
-                        train_group_task(&xv, &yv, &g, k, group, eps, gam, bet, mean, var, invstd, p, &a, kind)
-            return
+                        train_group_task(xv, yv, g, k, group, eps, gamma, beta, mean, var, invstd, p, a, kind)
+            return 0
         # no cache reuse possible: a statistics pass, then a normalize pass
-        part = <double *>scratch(partials_size(&g), sizeof(double), True)
+        part = <double *>scratch(partials_size(g), sizeof(double), True)
         with nogil:
-            grid_stats(&xv, &g, part, mean, var, kind)
-            finish_channels(0, C, C, <double>(A * B), eps, gam, bet, mean, var, invstd, p)
-            grid_affine(&xv, &yv, &g, p, &a)
+            grid_stats(xv, g, part, mean, var, kind)
+            finish_channels(0, C, C, <double>g.R, eps, gamma, beta, mean, var, invstd, p)
+            grid_affine(xv, yv, g, p, a)
         free(part)
     finally:
         free(p)
+    return 0
 
 
 # ==========================================================================
@@ -942,74 +957,81 @@ def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
     written into dx and read back from there (so dx must not be x).
     """
     cdef floating *kind = NULL
-    cdef Py_ssize_t A = x.shape[0], C = x.shape[1], B = x.shape[2]
-    cdef const double *mean
-    cdef const double *invstd
-    cdef const double *gamma
-    cdef double *sum_dy
-    cdef double *sum_dy_xmu
     cdef View dyv, xv, dxv
     cdef Grid g
-    cdef floating *p
-    cdef floating *pa = NULL
-    cdef double *part
-    cdef Py_ssize_t c, k, group, n_groups
-    cdef int nt
     cdef Act a = Act(act, slope)
-    cdef Act relu = Act(0, 0.0)  # set when the dx pass takes dy through ReLU itself
-    cdef bint recompute
-    if A * B * C == 0:
+    if x.shape[0] * x.shape[1] * x.shape[2] == 0:
         return
     if act and stats.shape[0] < 4:
         raise ValueError("an activation needs beta: stats must have 4 rows")
-    sums[:, :] = 0
-    mean, invstd, gamma = &stats[0, 0], &stats[1, 0], &stats[2, 0]
-    sum_dy, sum_dy_xmu = &sums[0, 0], &sums[1, 0]
     dyv = view_of(dy)
     xv = view_of(x)
     dxv = view_of(dx)
     g = make_grid(x)
-    group = fused_group(&g, 2, sizeof(floating))
-    p = <floating *>scratch((7 if act else 5) * C, sizeof(floating), False)  # rows 5, 6 for cols_relu_grad
+    backward_views(&dyv, &xv, &dxv, &g, &stats[0, 0], &sums[0, 0], &a, kind)
+
+
+cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, const Grid *g, const double *stats,
+                        double *sums, const Act *a, floating *kind) except -1:
+    """backward() on views; stats: rows of C doubles (mean, invstd, gamma, and beta with an activation),
+    sums: 2 rows of C."""
+    cdef Py_ssize_t C = g.C
+    cdef const double *mean = stats
+    cdef const double *invstd = stats + C
+    cdef const double *gamma = stats + 2 * C
+    cdef double *sum_dy = sums
+    cdef double *sum_dy_xmu = sums + C
+    cdef View dxv = dx_view[0]
+    cdef View dzv
+    cdef floating *p
+    cdef floating *pa = NULL
+    cdef double *part
+    cdef Py_ssize_t c, k, n_groups
+    cdef Py_ssize_t group = fused_group(g, 2, sizeof(floating))
+    cdef int nt
+    cdef Act relu = Act(0, 0.0)  # set when the dx pass takes dy through ReLU itself
+    cdef bint recompute
+    memset(sums, 0, 2 * C * sizeof(double))
+    p = <floating *>scratch((7 if a.code else 5) * C, sizeof(floating), False)  # rows 5, 6 for cols_relu_grad
     try:
-        if act:
+        if a.code:
             pa = <floating *>scratch(4 * C, sizeof(floating), False)
             for c in range(C):
-                set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3, c])
+                set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3 * C + c])
         if group:
             # fused: a group's dy and x blocks are read once, dx computed from L2
-            if act:  # dz fills dx's block first: streaming dx over those dirty lines would write them twice
+            if a.code:  # dz fills dx's block first: streaming dx over those dirty lines would write them twice
                 dxv.stream = False
             n_groups = (C + group - 1) // group
-            nt = n_threads(3 * A * B * C * sizeof(floating), n_groups)
+            nt = n_threads(3 * g.R * C * sizeof(floating), n_groups)
             with nogil:
                 if nt == 1:
                     for k in range(n_groups):
-                        backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, pa, &a, kind)
+                        backward_group_task(dyv, xv, &dxv, g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                                            p, pa, a, kind)
                 else:
                     for k in prange(n_groups, num_threads=nt, schedule="static"):
-                        backward_group_task(&dyv, &xv, &dxv, &g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, pa, &a, kind)
-            return
+                        backward_group_task(dyv, xv, &dxv, g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
+                                            p, pa, a, kind)
+            return 0
         # ReLU on contiguous columns: dz is not stored but recomputed in the dx pass (no extra write)
-        recompute = (act == 1 or act == 2) and g.columns and dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1
+        recompute = (a.code == 1 or a.code == 2) and g.columns and dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1
         if recompute:
-            relu = a
-        part = <double *>scratch(partials_size(&g), sizeof(double), True)
+            relu = a[0]
+        part = <double *>scratch(partials_size(g), sizeof(double), True)
         with nogil:
-            grid_grad_sums(&dyv, &xv, &g, part, mean, sum_dy, sum_dy_xmu, NULL if recompute else &dxv, pa, &a,
-                           kind)
-            if act and not recompute:  # the sums pass left dz in dx: the gradient is dz's
-                dyv = dxv
-            grad_params(0, C, C, <double>(A * B), mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
+            grid_grad_sums(dyv, xv, g, part, mean, sum_dy, sum_dy_xmu, NULL if recompute else &dxv, pa, a, kind)
+            # the sums pass left dz in dx: the gradient is dz's
+            dzv = dxv if a.code and not recompute else dyv[0]
+            grad_params(0, C, C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
             if recompute:  # the slope's scale and shift rows
                 memcpy(p + 5 * C, pa + 2 * C, 2 * C * sizeof(floating))
-            grid_grad(&dyv, &xv, &dxv, &g, p, &relu)
+            grid_grad(&dzv, xv, &dxv, g, p, &relu)
         free(part)
     finally:
         free(p)
         free(pa)
+    return 0
 
 
 def backward_reduce(const floating[:, :, :] dy,   # IN  (A, C, B)
