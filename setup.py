@@ -10,6 +10,7 @@ import sys
 import tempfile
 import textwrap
 
+import numpy
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -82,8 +83,11 @@ extensions = [
     Extension(
         "cbn._kernels",
         sources=["cbn/_kernels.pyx"],
-        include_dirs=["src_c"],
-        depends=["src_c/cbn_openmp.h", "src_c/cbn_loops.h", "src_c/cbn_loops_t.h", "src_c/cbn_stream.h"],
+        include_dirs=["src_c", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+        depends=[
+            "cbn/_plain.pxi", "src_c/cbn_openmp.h", "src_c/cbn_loops.h", "src_c/cbn_loops_t.h", "src_c/cbn_stream.h",
+        ],
     )
 ]
 

@@ -1,7 +1,7 @@
 """cbn's public functions: argument checks here, then ``_compute`` drives the kernels."""
 import numpy as np
 
-from . import _args, _compute, _fast
+from . import _args, _compute, _kernels
 from ._layout import empty_like_layout
 
 _EXAMPLE_SETUP = """
@@ -193,6 +193,14 @@ def batch_norm(
     >>> y = cbn.batch_norm(x, running_mean=rm, running_var=rv)  # updates rm, rv
     >>> y_eval = cbn.batch_norm(x, running_mean=rm, running_var=rv, training=False)
     """
+    if training:
+        y = _kernels.train_plain(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, activation,
+                                 negative_slope, out, False)
+    else:
+        y = _kernels.inference_plain(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis,
+                                     activation, negative_slope, out)
+    if y is not None:  # plain NumPy arrays, run without the checks below
+        return y
     act = _args.activation(activation, negative_slope)
     if _on_gpu(x, gamma, beta, running_mean, running_var, out):
         gpu = _gpu()
@@ -203,18 +211,11 @@ def batch_norm(
                                      outs, ("out", None, None))[0]
         return gpu.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, out_y)
     (out_y,) = _args.outputs(out, ("out",), "batch_norm")
-    if training and running_mean is None and running_var is None:
-        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, out_y, act)
-        if fast is not None:
-            return fast[0]
     if training:
         outs = ((out_y, None, None), ("out", None, None))
         y, _, _ = _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs)
         return y
 
-    y = _fast.inference(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, out_y, act)
-    if y is not None:
-        return y
     x = _bulk_input(x, "x")
     if x.ndim < 1:
         raise ValueError("x must have at least 1 dimension")
@@ -274,6 +275,10 @@ def batch_norm_forward(
     >>> mean.shape, invstd.dtype
     ((4,), dtype('float32'))
     """
+    fast = _kernels.train_plain(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, activation,
+                                negative_slope, out, True)
+    if fast is not None:  # plain NumPy arrays, run without the checks below
+        return fast
     act = _args.activation(activation, negative_slope)
     if _on_gpu(x, gamma, beta, running_mean, running_var, out):
         gpu = _gpu()
@@ -282,11 +287,6 @@ def batch_norm_forward(
         return gpu.train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, outs,
                                  labels)
     outs = _args.outputs(out, _FORWARD_OUTPUTS, "batch_norm_forward")
-    if running_mean is None and running_var is None and outs[1] is None and outs[2] is None:
-        fast = _fast.forward(x, gamma, beta, momentum, eps, channel_axis, outs[0], act)
-        if fast is not None:
-            y, stats = fast  # not the variance: it may overflow float32
-            return y, stats[0].astype(y.dtype, copy=False), stats[2].astype(y.dtype, copy=False)
     labels = _args.out_labels(_FORWARD_OUTPUTS)
     return _train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, channel_axis, act, (outs, labels))
 
@@ -339,6 +339,9 @@ def batch_norm_backward(
     >>> bool(np.allclose(dx, 0, atol=1e-5))  # a constant gradient is absorbed by the mean
     True
     """
+    fast = _kernels.backward_plain(dy, x, mean, invstd, gamma, beta, activation, negative_slope, channel_axis, out)
+    if fast is not None:  # plain NumPy arrays, run without the checks below
+        return fast
     act = _args.activation(activation, negative_slope)
     if _on_gpu(dy, x, mean, invstd, gamma, beta, out):
         gpu = _gpu()
@@ -346,11 +349,6 @@ def batch_norm_backward(
         return gpu.backward(dy, x, mean, invstd, gamma, beta, act, channel_axis, outs,
                             _args.out_labels(_BACKWARD_OUTPUTS))
     out_dx, out_dgamma, out_dbeta = _args.outputs(out, _BACKWARD_OUTPUTS, "batch_norm_backward")
-    if out_dgamma is None and out_dbeta is None:
-        fast = _fast.backward(dy, x, mean, invstd, gamma, beta, channel_axis, out_dx, act)
-        if fast is not None:
-            dx, sums, invstd64 = fast
-            return dx, (sums[1] * invstd64).astype(dx.dtype, copy=False), sums[0].astype(dx.dtype, copy=False)
     labels = _args.out_labels(_BACKWARD_OUTPUTS)
     dy = _bulk_input(dy, "dy")
     x = _bulk_input(x, "x")

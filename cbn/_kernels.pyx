@@ -29,10 +29,18 @@ with a plain loop instead when one thread will do (small arrays).
 """
 import os
 
+cimport numpy as cnp
+from cpython.float cimport PyFloat_CheckExact
+from cpython.long cimport PyLong_CheckExact
+from cpython.tuple cimport PyTuple_CheckExact
+from cpython.unicode cimport PyUnicode_CheckExact
 from cython cimport floating
 from cython.parallel cimport prange
+from libc.math cimport INFINITY
 from libc.stdlib cimport calloc, free, malloc
-from libc.string cimport memcpy, memset
+from libc.string cimport memcmp, memcpy, memset
+
+cnp.import_array()
 
 cdef extern from "cbn_openmp.h":
     int omp_get_max_threads() noexcept nogil
@@ -1081,6 +1089,12 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
             p[4 * C + c] = <floating>coef[3, c]
         grid_grad(&dyv, &xv, &dxv, &g, p, &no_act)
     free(p)
+
+
+# ==========================================================================
+# The common call on plain NumPy arrays, without memoryviews
+
+include "_plain.pxi"
 
 
 # ==========================================================================

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Lint, as CI runs it: ruff (Python), cython-lint (the .pyx), mypy (the package
+# Lint, as CI runs it: ruff (Python), cython-lint (the .pyx and .pxi), mypy (the package
 # and the compiled module's stubs), and mypy's stubtest of cbn/_kernels.pyi
 # against an installed build of the kernels.
 #
@@ -13,7 +13,7 @@ rm -rf "$venv"
 export PATH="$venv/bin:$PATH"  # cython-lint runs pycodestyle from PATH
 cd "$root"
 ruff check .
-cython-lint cbn/_kernels.pyx
+cython-lint cbn/_kernels.pyx cbn/_plain.pxi
 mypy  # files and settings: [tool.mypy] in pyproject.toml
 python - <<'PY'
 # the hosted workflows: valid YAML, jobs with steps, and only public actions at pinned versions

@@ -357,15 +357,16 @@ def test_threadpoolctl_controls_cbn_threads():
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape, axis", [((64, 128), 1), ((8, 6, 5, 7), 1), ((8, 5, 7, 6), -1)])
 def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype, activation):
-    """Plain arrays take cbn._fast; lists for gamma/beta/mean force the general path."""
+    """Plain arrays take the kernels' plain entry points; lists for gamma/beta/mean force the general path."""
     rng = np.random.default_rng(11)
     x = random_array(rng, shape, dtype, offset=3.0)
     dy = random_array(rng, shape, dtype)
     c = shape[axis]
     gamma, beta = rng.uniform(0.5, 2.0, c), rng.standard_normal(c)
-    from cbn import _fast
+    from cbn import _kernels
 
-    assert _fast.forward(x, gamma, beta, 0.1, 1e-5, axis, None) is not None  # the fast path applies
+    plain = (x, gamma, beta, None, None, 0.1, 1e-5, axis, activation, 0.01, None, True)
+    assert _kernels.train_plain(*plain) is not None  # the fast path applies
     act = dict(activation=activation)
     fast = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis, **act)
     general = cbn.batch_norm_forward(x, list(gamma), list(beta), channel_axis=axis, **act)
@@ -377,7 +378,7 @@ def test_fast_path_gives_the_general_paths_bits(shape, axis, dtype, activation):
     assert cbn.batch_norm(x, gamma, beta, channel_axis=axis, out=y_out, **act) is y_out
     np.testing.assert_array_equal(y_out, general[0])
     rm, rv = rng.standard_normal(c), rng.uniform(0.5, 2.0, c)
-    assert _fast.inference(x, gamma, beta, rm, rv, 0.1, 1e-5, axis, None) is not None
+    assert _kernels.inference_plain(x, gamma, beta, rm, rv, 0.1, 1e-5, axis, activation, 0.01, None) is not None
     eval_kw = dict(training=False, channel_axis=axis, **act)
     np.testing.assert_array_equal(
         cbn.batch_norm(x, gamma, beta, running_mean=rm, running_var=rv, **eval_kw),
