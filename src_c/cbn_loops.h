@@ -202,35 +202,36 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
 /* Streamed output (cbn_stream.h): the statements after `row` compute the k values of row `row` that
  * start at index i0 into w, a buffer in L1 that cbn_stream_copy then moves to OUT + row * oa + i0 with
  * non-temporal stores; the same bits as storing them directly.  Rows that follow each other in memory
- * and are short go through the buffer several at a time, as one run; other rows chunk by chunk, ending
- * on line boundaries; rows too short to fill a few whole lines are written directly.  The calling
- * function ends with one cbn_stream_fence() after its last CBN_STREAM_ROWS (a fence per row costs). */
+ * (oa == n) are one run of m * n values, cut into chunks that end on line boundaries of the output and
+ * may span rows, so that only the run's first and last lines are partial (a partial line is stored
+ * plainly, and costs a read of memory); other rows are cut chunk by chunk, each row its own run.
+ * Runs too short to fill a few whole lines are written directly.  The calling function ends with one
+ * cbn_stream_fence() after its last CBN_STREAM_ROWS (a fence per row costs). */
 #define CBN_STREAM_ROWS(OUT, oa, m, n, row, ...)                                                    \
     do {                                                                                            \
         CBN_T buf_[CBN_STREAM_BYTES / sizeof(CBN_T)];                                               \
-        const ptrdiff_t bytes_ = (n) * (ptrdiff_t)sizeof(CBN_T);                                    \
-        const ptrdiff_t batch_ = (oa) == (n) && 2 * bytes_ <= CBN_STREAM_BYTES ? CBN_STREAM_BYTES / bytes_ : 1; \
-        for (ptrdiff_t r0_ = 0; r0_ < (m); r0_ += batch_) {                                         \
-            ptrdiff_t nr_ = (m) - r0_ < batch_ ? (m) - r0_ : batch_;                                \
-            if (batch_ > 1) {                                                                       \
-                for (ptrdiff_t row = r0_; row < r0_ + nr_; row++) {                                 \
-                    const ptrdiff_t i0 = 0, k = (n);                                                \
-                    CBN_T *w = buf_ + (row - r0_) * (n);                                            \
+        const int flat_ = (oa) == (n);                                                              \
+        const ptrdiff_t run_ = flat_ ? (m) * (n) : (n), runs_ = flat_ ? 1 : (m);                    \
+        for (ptrdiff_t r0_ = 0; r0_ < runs_; r0_++) {                                               \
+            CBN_T *out_ = (OUT) + r0_ * (oa);                                                       \
+            if (run_ * (ptrdiff_t)sizeof(CBN_T) < CBN_STREAM_MIN_RUN) {                             \
+                for (ptrdiff_t f_ = 0, k; f_ < run_; f_ += k) {                                     \
+                    const ptrdiff_t row = flat_ ? f_ / (n) : r0_, i0 = flat_ ? f_ - row * (n) : 0;  \
+                    k = (n) - i0;                                                                   \
+                    CBN_T *w = out_ + f_;                                                           \
                     __VA_ARGS__;                                                                    \
                 }                                                                                   \
-                cbn_stream_copy((OUT) + r0_ * (oa), buf_, (size_t)(nr_ * bytes_));                  \
-            } else if (bytes_ < CBN_STREAM_MIN_RUN) {                                               \
-                const ptrdiff_t row = r0_, i0 = 0, k = (n);                                         \
-                CBN_T *w = (OUT) + row * (oa);                                                      \
-                __VA_ARGS__;                                                                        \
-            } else {                                                                                \
-                const ptrdiff_t row = r0_;                                                          \
-                for (ptrdiff_t i0 = 0, k; i0 < (n); i0 += k) {                                      \
-                    k = cbn_stream_chunk((OUT) + row * (oa) + i0, (n) - i0, sizeof(CBN_T));         \
-                    CBN_T *w = buf_;                                                                \
+                continue;                                                                           \
+            }                                                                                       \
+            for (ptrdiff_t f0_ = 0, len_; f0_ < run_; f0_ += len_) {                                \
+                len_ = cbn_stream_chunk(out_ + f0_, run_ - f0_, sizeof(CBN_T));                     \
+                for (ptrdiff_t f_ = f0_, k; f_ < f0_ + len_; f_ += k) {                             \
+                    const ptrdiff_t row = flat_ ? f_ / (n) : r0_, i0 = flat_ ? f_ - row * (n) : f_; \
+                    k = (n) - i0 < f0_ + len_ - f_ ? (n) - i0 : f0_ + len_ - f_;                    \
+                    CBN_T *w = buf_ + (f_ - f0_);                                                   \
                     __VA_ARGS__;                                                                    \
-                    cbn_stream_copy((OUT) + row * (oa) + i0, buf_, (size_t)k * sizeof(CBN_T));      \
                 }                                                                                   \
+                cbn_stream_copy(out_ + f0_, buf_, (size_t)len_ * sizeof(CBN_T));                    \
             }                                                                                       \
         }                                                                                           \
     } while (0)

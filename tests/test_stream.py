@@ -1,7 +1,8 @@
 """Outputs written with non-temporal stores (src_c/cbn_stream.h) are the same bits as plain stores.
 
 Large outputs go through an L1 buffer and out with streaming stores, in chunks
-that end on cache-line boundaries, short contiguous rows batched together.
+that end on cache-line boundaries; rows that follow each other in memory are
+one run, cut into chunks across rows.
 `_kernels.stream_bytes` sets the size from which that happens; here it is
 forced to 0 (stream everything) and -1 (never) on small arrays, so that every
 chunking case is compared bitwise: runs shorter and longer than the buffer,
@@ -16,9 +17,10 @@ from helpers import assert_close, make_layout, random_array
 import cbn
 from cbn import _kernels, reference
 
-# (shape, channel axis): row mode with runs of 784 B (batched) and of 8 KB
-# (chunked), column mode with short rows (batched) and rows longer than the
-# buffer, channel tiles narrower than a row, runs below the streaming minimum
+# (shape, channel axis): row mode with runs of 784 B and of 8 KB (chunks
+# across and within runs), column mode with short rows and rows longer than
+# the buffer, channel tiles narrower than a row (rows not contiguous: each
+# its own run), runs below the streaming minimum
 CASES = [
     ((3, 16, 14, 14), 1),
     ((2, 5, 47, 47), 1),
