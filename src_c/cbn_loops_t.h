@@ -167,19 +167,16 @@ CBN_CLONES static void CBN_FN(cbn_grad_params)(ptrdiff_t n, double count, const 
 CBN_INLINE void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
 {
     if (s == 1)
-        CBN_ACTIVATE_LOOPS(n, act, slope, v[i]);
+        CBN_ACTIVATE_LOOPS(n, act, slope, v[i], v[i]);
     else
-        CBN_ACTIVATE_LOOPS(n, act, slope, v[i * s]);
+        CBN_ACTIVATE_LOOPS(n, act, slope, v[i * s], v[i * s]);
 }
 
 /* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift): centred, never folded into u * a + b */
 CBN_INLINE void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
                                            CBN_T shift, int act, CBN_T slope)
 {
-    for (ptrdiff_t i = 0; i < k; i++)
-        w[i] = ((u[i] - mu_hi) - mu_lo) * scale + shift;
-    if (act != CBN_IDENTITY)
-        CBN_FN(cbn_activate)(w, k, 1, act, slope);
+    CBN_ACTIVATE_LOOPS(k, act, slope, w[i], ((u[i] - mu_hi) - mu_lo) * scale + shift);
 }
 
 /* y = act(((x - mu_hi) - mu_lo) * scale + shift) per channel; p holds 4 rows (mu_hi, mu_lo, scale,
@@ -438,10 +435,7 @@ CBN_INLINE void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t
                                                 const CBN_T *mu_lo, const CBN_T *scale, const CBN_T *shift, int act,
                                                 CBN_T slope)
 {
-    for (ptrdiff_t i = 0; i < k; i++)
-        w[i] = ((u[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
-    if (act != CBN_IDENTITY)
-        CBN_FN(cbn_activate)(w, k, 1, act, slope);
+    CBN_ACTIVATE_LOOPS(k, act, slope, w[i], ((u[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
 }
 
 /* y = act(((x - mu_hi) - mu_lo) * scale + shift) per channel; p holds 4 rows (mu_hi, mu_lo, scale,
