@@ -49,45 +49,19 @@ def backward(
 def backward_reduce(dy: _Bulk, x: _Bulk, mean: _Channels, sum_dy: _Channels, sum_dy_xmu: _Channels) -> None: ...
 def backward_elemt(dy: _Bulk, x: _Bulk, dx: _Bulk, coef: _Channels) -> None: ...
 
-# The plain-array entry points (cbn/_plain.pxi): None when the call is not recognized.
+# The plain-array entry points (cbn/_plain.pxi): None when the call is not recognized.  Their
+# arguments are those of the public functions, in the same order, any object.
 def train_plain(
-    x: object,
-    gamma: object,
-    beta: object,
-    running_mean: object,
-    running_var: object,
-    momentum: object,
-    eps: object,
-    channel_axis: object,
-    activation: object,
-    negative_slope: object,
-    out: object,
-    with_stats: bool,
+    x: object, gamma: object, beta: object, running_mean: object, running_var: object, momentum: object,
+    eps: object, channel_axis: object, activation: object, negative_slope: object, out: object, with_stats: bool,
 ) -> _Bulk | tuple[_Bulk, _Bulk, _Bulk] | None: ...
 def inference_plain(
-    x: object,
-    gamma: object,
-    beta: object,
-    running_mean: object,
-    running_var: object,
-    momentum: object,
-    eps: object,
-    channel_axis: object,
-    activation: object,
-    negative_slope: object,
-    out: object,
+    x: object, gamma: object, beta: object, running_mean: object, running_var: object, momentum: object,
+    eps: object, channel_axis: object, activation: object, negative_slope: object, out: object,
 ) -> _Bulk | None: ...
 def backward_plain(
-    dy: object,
-    x: object,
-    mean: object,
-    invstd: object,
-    gamma: object,
-    beta: object,
-    activation: object,
-    negative_slope: object,
-    channel_axis: object,
-    out: object,
+    dy: object, x: object, mean: object, invstd: object, gamma: object, beta: object, activation: object,
+    negative_slope: object, channel_axis: object, out: object,
 ) -> tuple[_Bulk, _Bulk, _Bulk] | None: ...
 def max_threads() -> int: ...
 def openmp_info() -> tuple[int, str]: ...
