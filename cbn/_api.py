@@ -1,4 +1,8 @@
-"""cbn's public functions: argument checks here, then ``_compute`` drives the kernels."""
+"""cbn's public functions: argument checks here, then ``_compute`` drives the kernels.
+
+Each function first offers its call to the kernels' entry points for plain
+NumPy arrays (``cbn/_plain.pxi``), which run it without these checks, or
+return None for the general path below."""
 import numpy as np
 
 from . import _args, _compute, _kernels

@@ -190,7 +190,8 @@ def train_plain(x, gamma, beta, running_mean, running_var, momentum, eps, channe
     if (running_mean is None) != (running_var is None):
         return None
     if running_mean is not None and not (is_writeable_channel_array(running_mean, C)
-                                         and is_writeable_channel_array(running_var, C)):
+                                         and is_writeable_channel_array(running_var, C)
+                                         and running_mean is not running_var):  # updated one after the other
         return None
     if out is not None:
         if not PyTuple_CheckExact(out) or len(out) != (3 if with_stats else 1):

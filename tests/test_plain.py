@@ -217,3 +217,14 @@ def test_read_only_outputs_go_the_general_way():
     with pytest.raises(ValueError, match="read-only"):
         cbn.batch_norm(x, running_mean=rm, running_var=rv)
     assert not rm.any()  # untouched by the failed call
+
+
+def test_one_array_for_both_running_statistics_goes_the_general_way():
+    """The general path updates running_mean, then running_var: the same array gets both, in that order."""
+    x = np.random.default_rng(0).standard_normal((6, 4, 5))
+    r = np.ones(4)
+    assert _kernels.train_plain(x, None, None, r, r, 0.1, 1e-5, 1, None, 0.01, None, False) is None
+    want = np.ones(4)
+    reference.batch_norm(x, running_mean=want, running_var=want)
+    cbn.batch_norm(x, running_mean=r, running_var=r)
+    np.testing.assert_allclose(r, want, rtol=1e-12)
