@@ -144,6 +144,22 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
  * outside the loops, so that each loop vectorizes; V, DY, Z and OUT are
  * expressions in the loop index i. */
 
+/* The slope of ReLU (low = 0) or leaky ReLU (low = its slope) at z: a choice between two
+ * constants, which vectorizes, times dy as in the reference (an inf or NaN dy stays non-finite). */
+#define CBN_RELU_SLOPE(Z, low) ((Z) > 0 ? (CBN_T)1 : (low))
+
+/* OUT = V * CBN_RELU_SLOPE(Z, low) for i in [0, n); the scalar tail takes the slope from a table,
+ * the same value without a branch (on the sign of z, which mispredicts) */
+#define CBN_SLOPE_LOOP(n, low, V, Z, OUT)                                                           \
+    do {                                                                                            \
+        const CBN_T slope_of_[2] = {(low), (CBN_T)1};                                               \
+        ptrdiff_t i = 0;                                                                            \
+        for (; i < CBN_VECTOR_PART(n); i++)                                                         \
+            OUT = (V) * CBN_RELU_SLOPE(Z, low);                                                     \
+        for (; i < (n); i++)                                                                        \
+            OUT = (V) * slope_of_[(Z) > 0];                                                         \
+    } while (0)
+
 /* OUT = act(Z) for i in [0, n); ReLU and leaky ReLU in the same loop as Z */
 #define CBN_ACTIVATE_LOOPS(n, act, slope, OUT, Z)                                                   \
     do {                                                                                            \
@@ -154,19 +170,9 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
             OUT = z_ < 0 ? (CBN_T)0 : z_; /* NaN stays NaN, as max(z, 0) in the reference */      \
         }                                                                                           \
         break;                                                                                      \
-    case CBN_LEAKY_RELU: {                                                                          \
-        const CBN_T leaky_[2] = {(slope), (CBN_T)1};                                                \
-        ptrdiff_t i = 0;                                                                            \
-        for (; i < CBN_VECTOR_PART(n); i++) {                                                       \
-            CBN_T z_ = (Z);                                                                         \
-            OUT = z_ > 0 ? z_ : z_ * (slope);                                                       \
-        }                                                                                           \
-        for (; i < (n); i++) {                                                                      \
-            CBN_T z_ = (Z);                                                                         \
-            OUT = z_ * leaky_[z_ > 0];                                                              \
-        }                                                                                           \
+    case CBN_LEAKY_RELU: /* z * slope(z): z itself where z > 0 (z * 1 is z) */                  \
+        CBN_SLOPE_LOOP(n, slope, Z, Z, OUT);                                                        \
         break;                                                                                      \
-    }                                                                                               \
     case CBN_SIGMOID: /* in a loop of its own: fused with Z's, the exponential ran slower */    \
         for (ptrdiff_t i = 0; i < (n); i++)                                                         \
             OUT = (Z);                                                                              \
@@ -185,31 +191,15 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
     }                                                                                               \
     } while (0)
 
-/* The slope of ReLU (low = 0) or leaky ReLU (low = its slope) at z: a choice between two
- * constants, which vectorizes, times dy as in the reference (an inf or NaN dy stays non-finite). */
-#define CBN_RELU_SLOPE(Z, low) ((Z) > 0 ? (CBN_T)1 : (low))
-
-/* OUT = DY * CBN_RELU_SLOPE(Z, low) for i in [0, n); the scalar tail takes the slope from a table,
- * the same value without a branch (on the sign of z, which mispredicts) */
-#define CBN_RELU_GRAD_LOOP(n, low, DY, Z, OUT)                                                      \
-    do {                                                                                            \
-        const CBN_T slope_of_[2] = {(low), (CBN_T)1};                                               \
-        ptrdiff_t i = 0;                                                                            \
-        for (; i < CBN_VECTOR_PART(n); i++)                                                         \
-            OUT = (DY) * CBN_RELU_SLOPE(Z, low);                                                    \
-        for (; i < (n); i++)                                                                        \
-            OUT = (DY) * slope_of_[(Z) > 0];                                                        \
-    } while (0)
-
 /* OUT = DY * act'(Z) for i in [0, n), Z the pre-activation */
 #define CBN_ACT_GRAD_LOOPS(n, act, slope, DY, Z, OUT)                                               \
     do {                                                                                            \
     switch (act) {                                                                                  \
     case CBN_RELU:                                                                                  \
-        CBN_RELU_GRAD_LOOP(n, (CBN_T)0, DY, Z, OUT);                                                \
+        CBN_SLOPE_LOOP(n, (CBN_T)0, DY, Z, OUT);                                                    \
         break;                                                                                      \
     case CBN_LEAKY_RELU:                                                                            \
-        CBN_RELU_GRAD_LOOP(n, slope, DY, Z, OUT);                                                   \
+        CBN_SLOPE_LOOP(n, slope, DY, Z, OUT);                                                       \
         break;                                                                                      \
     case CBN_SIGMOID:                                                                               \
         for (ptrdiff_t i = 0; i < (n); i++) {                                                       \

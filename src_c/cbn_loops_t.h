@@ -163,15 +163,6 @@ CBN_CLONES static void CBN_FN(cbn_grad_params)(ptrdiff_t n, double count, const 
     }
 }
 
-/* v = act(v) for n values s apart (act != CBN_IDENTITY), on a run still in L1. */
-CBN_INLINE void CBN_FN(cbn_activate)(CBN_T *v, ptrdiff_t n, ptrdiff_t s, int act, CBN_T slope)
-{
-    if (s == 1)
-        CBN_ACTIVATE_LOOPS(n, act, slope, v[i], v[i]);
-    else
-        CBN_ACTIVATE_LOOPS(n, act, slope, v[i * s], v[i * s]);
-}
-
 /* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift): centred, never folded into u * a + b */
 CBN_INLINE void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
                                            CBN_T shift, int act, CBN_T slope)
@@ -202,10 +193,7 @@ CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, pt
                 CBN_FN(cbn_affine_span)(v, u, n, mu_hi, mu_lo, scale, shift, act, slope);
                 continue;
             }
-            for (ptrdiff_t i = 0; i < n; i++)
-                v[i * sy] = ((u[i * sx] - mu_hi) - mu_lo) * scale + shift;
-            if (act != CBN_IDENTITY)
-                CBN_FN(cbn_activate)(v, n, sy, act, slope);
+            CBN_ACTIVATE_LOOPS(n, act, slope, v[i * sy], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift);
         }
     }
     if (stream)
@@ -457,10 +445,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptr
             CBN_FN(cbn_cols_affine_span)(y, x, n, mu_hi, mu_lo, scale, shift, act, slope);
             continue;
         }
-        for (ptrdiff_t i = 0; i < n; i++)
-            y[i * sy] = ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
-        if (act != CBN_IDENTITY)
-            CBN_FN(cbn_activate)(y, n, sy, act, slope);
+        CBN_ACTIVATE_LOOPS(n, act, slope, y[i * sy], ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
     }
 }
 
