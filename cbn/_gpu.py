@@ -56,6 +56,7 @@ class _Launcher:
         self.dtype = dtype
         self.t = plan.CUDA_TYPES[dtype]
         self.vals = plan.CHANNEL_VALUES[dtype]
+        self.vec = plan.VECTOR[dtype]
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
 
@@ -63,13 +64,19 @@ class _Launcher:
         """Per-channel results of a reduction (statistics: mode 0; gradient: mode 1), in float64 and the work
         dtype, each of shape (rows, C); see cbn_finish in the .cu file."""
         A, C, B = shape
-        p = plan.reduce_plan(A, C, B)
+        p = plan.reduce_plan(A, C, B, self.vec)
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
-        counter = _counters(C)
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
-        kernel = self.kernels[f"cbn_reduce_{'rows' if p.by_rows else 'cols'}<{self.t}, {mode}>"]
-        kernel(p.grid, p.block, (x, dy, *channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks),
-                                 np.int32(act[0]), np.float64(act[1]), part, counter, np.float64(A * B), out, out_w))
+        split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks), _aligned(x, dy), np.int32(act[0]),
+                 np.float64(act[1]), part)
+        count = np.float64(A * B)
+        if p.by_rows:
+            self.kernels[f"cbn_reduce_rows<{self.t}, {mode}, {p.vec}>"](
+                p.grid, p.block, (x, dy, *split, _counters(C), count, out, out_w))
+        else:
+            self.kernels[f"cbn_reduce_cols<{self.t}, {mode}, {p.vec}>"](p.grid, p.block, (x, dy, *split))
+            self.kernels[f"cbn_finish_channels<{self.t}, {mode}>"](
+                (C,), (plan.THREADS,), (x, *channels, *_i64(C, B, p.partials), part, count, out, out_w))
         return out, out_w
 
     def stats(self, x, shape, eps):
@@ -79,8 +86,8 @@ class _Launcher:
     def train(self, x, y, eps, gamma, beta, shape, act):
         """Training forward into y; returns the statistics as :meth:`stats`.
 
-        Channels that fit one block: one launch, one read of x; larger ones:
-        the statistics, then the normalize pass.
+        Small arrays: one launch, one read of x; larger ones: the statistics,
+        then the normalize pass.
         """
         if not plan.one_block_per_channel(*shape, self.dtype):
             stats, out_w = self.stats(x, shape, eps)
@@ -96,16 +103,17 @@ class _Launcher:
         return stats, out_w
 
     def normalize(self, x, y, channels, shape, act):
-        p = plan.elementwise_plan(*shape)
-        self.kernels[f"cbn_normalize<{self.t}>"](
-            p.grid, p.block, (x, y, *channels, *_i64(*shape, p.rows), np.int32(act[0]), np.float64(act[1]))
+        p = plan.elementwise_plan(*shape, self.vec)
+        self.kernels[f"cbn_normalize<{self.t}, {p.vec}>"](
+            p.grid, p.block,
+            (x, y, *channels, *_i64(*shape, p.rows), _aligned(x, y), np.int32(act[0]), np.float64(act[1])),
         )
 
     def backward(self, dy, x, dx, channels, shape, act):
         """dx, and the sums (float64 rows: sum dz, sum dz * (x - mean)) and (dgamma, dbeta) in the work dtype.
 
-        Channels that fit one block: one launch; larger ones: the reduction,
-        then the elementwise pass.
+        Small arrays: one launch; larger ones: the reduction, then the
+        elementwise pass.
         """
         if plan.one_block_per_channel(*shape, self.dtype):
             A, C, B = shape
@@ -116,20 +124,20 @@ class _Launcher:
             )
             return sums, out_w
         sums, out_w = self._reduce(1, x, dy, channels, shape, act, 2)
-        p = plan.elementwise_plan(*shape)
-        self.kernels[f"cbn_backward_elemt<{self.t}>"](
+        p = plan.elementwise_plan(*shape, self.vec)
+        self.kernels[f"cbn_backward_elemt<{self.t}, {p.vec}>"](
             p.grid, p.block,
-            (dy, x, dx, *channels, sums, np.float64(shape[0] * shape[2]), *_i64(*shape, p.rows), np.int32(act[0]),
-             np.float64(act[1])),
+            (dy, x, dx, *channels, sums, np.float64(shape[0] * shape[2]), *_i64(*shape, p.rows),
+             _aligned(dy, x, dx), np.int32(act[0]), np.float64(act[1])),
         )
         return sums, out_w
 
 
-_COUNTERS: dict = {}  # (device, stream) -> the reductions' per-channel block counters
+_COUNTERS: dict = {}  # (device, stream) -> cbn_reduce_rows' per-channel block counters
 
 
 def _counters(C):
-    """At least C zeros for the reductions' block counters, which the kernels leave at zero.
+    """At least C zeros for cbn_reduce_rows' block counters, which the kernel leaves at zero.
 
     One buffer per device and stream: launches on one stream run one after
     the other, so they can share it; another stream gets its own.
@@ -139,6 +147,11 @@ def _counters(C):
     if counters is None or counters.size < C:
         counters = _COUNTERS[key] = cupy.zeros(max(C, 1024), dtype=np.uint32)
     return counters
+
+
+def _aligned(*arrays):
+    """The kernels' ``aligned`` flag: whether every array starts on a 16-byte boundary (vector accesses)."""
+    return np.int32(all(a.data.ptr % 16 == 0 for a in arrays))
 
 
 _NO_ACT = (0, 0.0)

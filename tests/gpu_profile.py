@@ -1,8 +1,9 @@
 """Where the GPU path's time goes (a diagnostic for tests/gpu_check.sh, not a test).
 
 Prints each kernel's device time for the default benchmark cases (float32,
-the split-channel kernels) and the host's per-call profile of a small training
-forward and inference.
+the split-channel kernels, with 16-byte vectors and with element accesses;
+the one-block kernels where a channel fits one) and the host's per-call
+profile of a small training forward and inference.
 """
 import cProfile
 import io
@@ -13,6 +14,7 @@ import numpy as np
 
 import cbn
 from cbn import _bench_gpu, _gpu
+from cbn import _cuda_plan as plan
 from cbn._bench import DEFAULT_CASES
 
 F32 = np.dtype(np.float32)
@@ -31,17 +33,33 @@ def kernel_times(x, axis, dtype=F32):
     stats, _ = k.stats(x, view, 1e-5)
     ch = _gpu._channels(stats[0], stats[1], False, 0.0, None, None, x)
     y, dy, dx = cupy.empty_like(x), cupy.ones_like(x), cupy.empty_like(x)
-    return {
-        "reduce0": us(lambda: k._reduce(0, x, x, none, view, (0, 0.0), 3)),
-        "normalize": us(lambda: k.normalize(x, y, ch, view, (0, 0.0))),
-        "reduce1": us(lambda: k._reduce(1, x, dy, ch, view, (0, 0.0), 2)),
-        "backward": us(lambda: k.backward(dy, x, dx, ch, view, (0, 0.0))),
-    }
+    times = {}
+    for label, vec in (("", k.vec), (" el", 1)):  # 16-byte vectors, and element accesses (" el")
+        k.vec = vec
+        try:
+            times["reduce0" + label] = us(lambda: k._reduce(0, x, x, none, view, (0, 0.0), 3))
+            times["normalize" + label] = us(lambda: k.normalize(x, y, ch, view, (0, 0.0)))
+            times["reduce1" + label] = us(lambda: k._reduce(1, x, dy, ch, view, (0, 0.0), 2))
+        finally:
+            k.vec = plan.VECTOR[dtype]
+    # the split kernels against the one-block kernels, where a channel fits one block (SMALL_ARRAY's choice)
+    saved = plan.one_block_per_channel
+    for label, one_block in (("", False), (" 1blk", True)):
+        if one_block and view[0] * view[2] > plan.CHANNEL_THREADS * plan.CHANNEL_VALUES[dtype]:
+            continue
+        plan.one_block_per_channel = lambda *args: one_block
+        try:
+            times["train" + label] = us(lambda: k.train(x, y, 1e-5, None, None, view, (0, 0.0)))
+            times["backward" + label] = us(lambda: k.backward(dy, x, dx, ch, view, (0, 0.0)))
+        finally:
+            plan.one_block_per_channel = saved
+    return times
 
 
 rng = cupy.random.default_rng(0)
-print("device us per kernel group, float32 (copy = device-to-device copy of x)")
-cases = [c for c in DEFAULT_CASES if np.prod(c[1]) * 4 < 100e6]
+print("device us per kernel group, float32 (copy = device-to-device copy of x; el: the kernels with element\n"
+      "accesses instead of 16-byte vectors; 1blk: the one-block kernels instead of the split ones)")
+cases = [c for c in DEFAULT_CASES if np.prod(c[1]) * 4 < 100e6] + [("NCHW 64x64x14x14", (64, 64, 14, 14), 1)]
 for name, shape, axis in cases:
     x = rng.standard_normal(shape, dtype=np.float32)
     dst = cupy.empty_like(x)

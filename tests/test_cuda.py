@@ -1,6 +1,7 @@
 """The GPU path's parts that need no GPU: CUDA sources compile, launch shapes cover every value, CuPy stays optional."""
 import importlib.resources
 import itertools
+import math
 import os
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ def test_cuda_source_ships_with_the_package():
     text = SOURCE.read_text()
     assert "cbn_reduce_rows" in text
     assert f"#define CBN_CHANNEL_THREADS {plan.CHANNEL_THREADS} " in text  # launch bounds = the launch's block
+    assert f"#define CBN_COLS_THREADS {plan.THREADS} " in text
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])
@@ -53,18 +55,19 @@ def test_every_kernel_instance_compiles_with_nvcc(tmp_path, arch):
 def _rows_kernel_indices(A, C, B, p):
     """(value index, partial slot) of every value cbn_reduce_rows reads, as its threads compute them."""
     seen = []
-    Q = C * B
+    Q, BV, vec = C * B, B // p.vec, p.vec
     step = p.block[0]
+    step_a, step_b = divmod(step, BV)
     for block in range(p.grid[0]):
         c, k = divmod(block, p.n_chunks)
-        end = min(A * B, (k + 1) * p.span)
+        end = min(A * BV, (k + 1) * p.span)
         for t in range(step):
             j = k * p.span + t
-            a, b = divmod(j, B)
-            step_a, step_b = divmod(step, B)
+            a, b = divmod(j, BV)
+            b *= vec
             while j < end:
-                seen.append((a * Q + c * B + b, c * p.n_chunks + k))
-                a, b, j = a + step_a, b + step_b, j + step
+                seen += [(a * Q + c * B + b + i, c * p.n_chunks + k) for i in range(vec)]
+                a, b, j = a + step_a, b + step_b * vec, j + step
                 if b >= B:
                     b, a = b - B, a + 1
     return seen
@@ -75,24 +78,25 @@ def _cols_kernel_indices(A, C, B, p):
     Q = C * B
     bx, by = p.block
     for gx, gy, tx, ty in itertools.product(range(p.grid[0]), range(p.grid[1]), range(bx), range(by)):
-        q = gx * bx + tx
+        q = (gx * bx + tx) * p.vec
         if q >= Q:
             continue
-        c, b = divmod(q, B)
-        slot = (c * B + b) * p.n_chunks + gy
         for r in range(gy * p.span + ty, min(A, (gy + 1) * p.span), by):
-            seen.append((r * Q + q, slot))
+            seen += [(r * Q + q + i, (q + i) * p.n_chunks + gy) for i in range(p.vec)]
     return seen
 
 
 SHAPES = [(1, 1, 1), (2, 3, 1), (7, 5, 3), (33, 2, 31), (3, 2, 32), (5, 3, 100), (64, 4, 49), (300, 70, 1),
-          (1000, 3, 2), (2, 1, 5000)]
+          (1000, 3, 2), (2, 1, 5000), (9, 3, 64), (40, 16, 4), (100, 24, 1), (3, 5, 8)]
 
 
+@pytest.mark.parametrize("vec", [1, 2, 4, 8])
 @pytest.mark.parametrize("A, C, B", SHAPES)
-def test_reduction_reads_every_value_once_into_its_channel(A, C, B):
-    p = plan.reduce_plan(A, C, B)
+def test_reduction_reads_every_value_once_into_its_channel(A, C, B, vec):
+    p = plan.reduce_plan(A, C, B, vec)
     assert p.by_rows == (B >= plan.ROWS_MIN_RUN)
+    assert p.vec in (1, vec) and (B if p.by_rows else C * B) % p.vec == 0
+    assert math.prod(p.block) == plan.THREADS
     seen = (_rows_kernel_indices if p.by_rows else _cols_kernel_indices)(A, C, B, p)
     values = sorted(i for i, _ in seen)
     assert values == list(range(A * C * B))
@@ -100,75 +104,70 @@ def test_reduction_reads_every_value_once_into_its_channel(A, C, B):
         channel = index // B % C
         assert channel * p.partials <= slot < (channel + 1) * p.partials
     assert all(n <= 65535 for n in p.grid[1:])
-    assert sorted(_finishing_counts(A, C, B, p)) == list(range(C))  # each channel finished exactly once
+    if p.by_rows:
+        assert sorted(_finishing_counts(C, p)) == list(range(C))  # each channel finished exactly once
 
 
-def _finishing_counts(A, C, B, p):
-    """Channels finished by the last-block test of the kernels, replayed over every block in launch order."""
+def _finishing_counts(C, p):
+    """Channels finished by cbn_reduce_rows' last-block test, replayed over every block in launch order."""
     counter = [0] * C
     finished = []
-    if p.by_rows:
-        for block in range(p.grid[0]):
-            c = block // p.n_chunks
-            counter[c] += 1
-            if counter[c] == p.n_chunks:
-                finished.append(c)
-        return finished
-    for gx, gy in itertools.product(range(p.grid[0]), range(p.grid[1])):
-        for tx in range(32):
-            q = gx * 32 + tx
-            if q < C * B:
-                c, b = divmod(q, B)
-                if b == 0 or tx == 0:
-                    counter[c] += 1
-                    tiles = (c * B + B - 1) // 32 - c * B // 32 + 1
-                    if counter[c] == tiles * p.n_chunks:
-                        finished.append(c)
+    for block in range(p.grid[0]):
+        c = block // p.n_chunks
+        counter[c] += 1
+        if counter[c] == p.n_chunks:
+            finished.append(c)
     return finished
 
 
-@pytest.mark.parametrize("A, C, B", SHAPES + [(4096, 1024, 1), (32, 64, 3136)])
-def test_elementwise_launch_covers_every_value_once(A, C, B):
-    p = plan.elementwise_plan(A, C, B)
+@pytest.mark.parametrize("vec", [1, 4])
+@pytest.mark.parametrize("A, C, B", SHAPES + [(4096, 1024, 1), (32, 64, 3136), (100352, 64, 1)])
+def test_elementwise_launch_covers_every_value_once(A, C, B, vec):
+    p = plan.elementwise_plan(A, C, B, vec)
     bx, by = p.block
-    assert bx * by == plan.THREADS and bx % 32 == 0
-    Q = C * B
-    assert p.grid[0] * bx >= Q > (p.grid[0] - 1) * bx
+    assert bx * by == plan.THREADS and p.vec in (1, vec) and C * B % p.vec == 0
+    columns = C * B // p.vec
+    assert p.grid[0] * bx >= columns > (p.grid[0] - 1) * bx
     assert p.grid[1] * p.rows >= A > (p.grid[1] - 1) * p.rows and p.rows % by == 0
-    if A * Q < 100_000:
-        count = np.zeros(A * Q, dtype=int)
+    if A * C * B < 100_000:
+        count = np.zeros(A * C * B, dtype=int)
         for gx, gy, tx, ty in itertools.product(range(p.grid[0]), range(p.grid[1]), range(bx), range(by)):
-            q = gx * bx + tx
-            if q < Q:
+            q = (gx * bx + tx) * p.vec
+            if q < C * B:
                 for r in range(gy * p.rows + ty, min(A, (gy + 1) * p.rows), by):
-                    count[r * Q + q] += 1
+                    count[r * C * B + q:r * C * B + q + p.vec] += 1
         assert (count == 1).all()
 
 
 @pytest.mark.parametrize("shape", [(32, 64, 3136), (64, 256, 196), (4096, 1024, 1), (100352, 64, 1), (8, 32, 16384)])
-def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape):
-    p = plan.reduce_plan(*shape)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape, dtype):
+    vec = plan.VECTOR[np.dtype(dtype)]
+    p = plan.reduce_plan(*shape, vec)
     blocks = p.grid[0] * (p.grid[1] if len(p.grid) > 1 else 1)
-    assert 1000 <= blocks <= 4 * plan.REDUCE_BLOCKS
-    assert p == plan.reduce_plan(*shape)
-    e = plan.elementwise_plan(*shape)
-    assert e.grid[0] * e.grid[1] >= 1000
+    assert 250 <= blocks <= 4 * plan.REDUCE_BLOCKS
+    run = shape[2] if p.by_rows else shape[1] * shape[2]
+    assert p.vec == (vec if run % vec == 0 else 1)  # 16-byte accesses where the shape allows them
+    assert p == plan.reduce_plan(*shape, vec)
+    e = plan.elementwise_plan(*shape, vec)
+    assert e.grid[0] * e.grid[1] >= 250 and e.vec == vec
 
 
-def test_small_channels_take_the_one_block_kernels():
+def test_small_arrays_take_the_one_block_kernels():
     f32, f64 = np.float32, np.float64
-    assert plan.one_block_per_channel(64, 256, 196, f32)  # NCHW 64x256x14x14: 12544 values per channel
-    assert not plan.one_block_per_channel(64, 256, 196, f64)  # float64 holds half as many
-    assert not plan.one_block_per_channel(32, 64, 3136, f32)  # too many values per channel
-    assert not plan.one_block_per_channel(4096, 1024, 1, f32)  # strided channels of a large array
-    assert plan.one_block_per_channel(64, 128, 1, f32)  # ... but a small one is fine
-    assert not plan.one_block_per_channel(2, 2**30, 1, f32)  # 32-bit offsets
+    assert plan.one_block_per_channel(64, 128, 1, f32)  # NC 64x128
+    assert plan.one_block_per_channel(16, 32, 64, f64)  # NCHW 16x32x8x8
+    assert plan.one_block_per_channel(16, 32, 196, f32)
+    assert plan.one_block_per_channel(1, 2, 16384, f32)  # 16384 values per channel
+    assert not plan.one_block_per_channel(1, 2, 16384, f64)  # float64 holds half as many
+    assert not plan.one_block_per_channel(64, 256, 196, f32)  # a large array: the split kernels
+    assert not plan.one_block_per_channel(32, 64, 3136, f32)
 
 
 def test_name_expressions_cover_each_dtype():
     for dtype in DTYPES:
         names = plan.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 8
+        assert len(names) == len(set(names)) == 16
     with pytest.raises(KeyError):
         plan.name_expressions(np.int32)
 

@@ -25,6 +25,9 @@ CASES = [
     ((16, 2, 64, 33), 1),
     ((6, 5, 4), 0),
     ((4, 6, 5, 3), (1, 3)),
+    ((300, 64), 1),  # 16-byte accesses: columns of every dtype, ...
+    ((6, 5, 8, 12), -1),  # ... of float32 and float64
+    ((3, 8, 48), 1),  # ... runs of every dtype
 ]
 
 
@@ -158,6 +161,51 @@ def test_integer_input_computes_in_float64(rng):
     y = cbn.batch_norm(gpu(x))
     assert y.dtype == np.float64
     assert_close(y, reference.batch_norm(x), np.float64)
+
+
+@pytest.mark.parametrize("shape, axis", [((2, 16, 8192), 1), ((2048, 256), 1), ((8, 28, 28, 32), -1),
+                                         ((16, 64, 20, 20), 1)])
+def test_chunked_channels_match_cpu(rng, shape, axis):
+    """Channels split over many blocks (the split kernels' partial sums), against the CPU path."""
+    x = data(rng, shape, np.float32, offset=2.0)
+    dy = data(rng, shape, np.float32)
+    gamma, beta = params(rng, x, axis)
+    y_cpu, mean_cpu, invstd_cpu = cbn.batch_norm_forward(x, gamma, beta, channel_axis=axis)
+    y, mean, invstd = cbn.batch_norm_forward(gpu(x), gpu(gamma), gpu(beta), channel_axis=axis)
+    assert_close(y, y_cpu, np.float32, scale=4)
+    assert_close(mean, mean_cpu, np.float32, scale=4)
+    assert_close(invstd, invstd_cpu, np.float32)
+    expected = cbn.batch_norm_backward(dy, x, mean_cpu, invstd_cpu, gamma, channel_axis=axis)
+    got = cbn.batch_norm_backward(gpu(dy), gpu(x), mean, invstd, gpu(gamma), channel_axis=axis)
+    for g, e, scale in zip(got, expected, (4, np.prod(shape), np.prod(shape))):
+        assert_close(g, e, np.float32, scale=np.sqrt(scale))
+
+
+def unaligned(a):
+    """A C-contiguous copy of the CuPy array a that does not start on a 16-byte boundary."""
+    buffer = cupy.empty(a.size + 1, dtype=a.dtype)
+    view = buffer[1:].reshape(a.shape)
+    view[...] = a
+    assert view.data.ptr % 16 != 0 and view.flags.c_contiguous
+    return view
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, axis", [((3, 8, 48), 1), ((300, 64), 1), ((6, 5, 8, 12), -1), ((2, 16, 8192), 1)])
+def test_results_do_not_depend_on_alignment(rng, shape, axis, dtype):
+    """Unaligned arrays take element accesses where aligned ones take 16-byte vectors: the same bits."""
+    x, dy = gpu(data(rng, shape, dtype, offset=1.0)), gpu(data(rng, shape, dtype))
+    gamma, beta = (gpu(p) for p in params(rng, host(x), axis))
+    kw = dict(channel_axis=axis, activation="leaky_relu")
+    forward = cbn.batch_norm_forward(x, gamma, beta, **kw)
+    for a, b in zip(forward, cbn.batch_norm_forward(unaligned(x), gamma, beta, **kw)):
+        assert cupy.array_equal(a, b)
+    y = unaligned(cupy.empty_like(x))
+    cbn.batch_norm(x, gamma, beta, **kw, out=y)
+    assert cupy.array_equal(y, forward[0])
+    grads = cbn.batch_norm_backward(dy, x, forward[1], forward[2], gamma, beta, **kw)
+    for a, b in zip(grads, cbn.batch_norm_backward(unaligned(dy), x, forward[1], forward[2], gamma, beta, **kw)):
+        assert cupy.array_equal(a, b)
 
 
 # --------------------------------------------------------------------------

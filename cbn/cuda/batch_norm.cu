@@ -57,13 +57,16 @@ __device__ __forceinline__ double cbn_exp(double v) { return exp(v); }
 __device__ __forceinline__ float cbn_tanh(float v) { return tanhf(v); }
 __device__ __forceinline__ double cbn_tanh(double v) { return tanh(v); }
 
+template <typename W> __device__ __forceinline__ W cbn_sigmoid(W z) { return W(1) / (W(1) + cbn_exp(-z)); }
+template <typename W> __device__ __forceinline__ W cbn_tanh_out(W z) { return cbn_tanh(z); }
+
 template <typename W> __device__ __forceinline__ W cbn_activate(W z, int act, W slope)
 {
     switch (act) {
     case ACT_RELU: return z < W(0) ? W(0) : z;  // NaN stays NaN, as in the CPU kernels
     case ACT_LEAKY_RELU: return z > W(0) ? z : z * slope;
-    case ACT_SIGMOID: return W(1) / (W(1) + cbn_exp(-z));
-    case ACT_TANH: return cbn_tanh(z);
+    case ACT_SIGMOID: return cbn_sigmoid(z);
+    case ACT_TANH: return cbn_tanh_out(z);
     default: return z;
     }
 }
@@ -75,42 +78,114 @@ template <typename W> __device__ __forceinline__ W cbn_activation_grad(W dy, W z
     case ACT_RELU: return dy * (z > W(0) ? W(1) : W(0));  // dy * relu'(z), as the reference and the CPU kernels
     case ACT_LEAKY_RELU: return dy * (z > W(0) ? W(1) : slope);
     case ACT_SIGMOID: {
-        W a = W(1) / (W(1) + cbn_exp(-z));
+        W a = cbn_sigmoid(z);
         return dy * a * (W(1) - a);
     }
     case ACT_TANH: {
-        W a = cbn_tanh(z);
+        W a = cbn_tanh_out(z);
         return dy * (W(1) - a * a);
     }
     default: return dy;
     }
 }
 
-// Value c of a per-channel input, or ``missing`` when it is absent.
-__device__ __forceinline__ double cbn_channel(const void *p, int type, long long c, double missing)
+// The same on N values in registers: one choice of activation for the batch, not a branch per value.
+template <int ACT, int N, typename W> __device__ __forceinline__ void cbn_activate_each(W *v, W slope)
 {
-    switch (type) {
-    case CH_HALF: return (double)cbn_load((const cbn_half *)p + c);
-    case CH_FLOAT: return (double)((const float *)p)[c];
-    case CH_DOUBLE: return ((const double *)p)[c];
-    default: return missing;
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        v[i] = cbn_activate(v[i], ACT, slope);
+}
+
+template <int N, typename W> __device__ __forceinline__ void cbn_activate_all(W *v, int act, W slope)
+{
+    switch (act) {
+    case ACT_RELU: cbn_activate_each<ACT_RELU, N>(v, slope); break;
+    case ACT_LEAKY_RELU: cbn_activate_each<ACT_LEAKY_RELU, N>(v, slope); break;
+    case ACT_SIGMOID: cbn_activate_each<ACT_SIGMOID, N>(v, slope); break;
+    case ACT_TANH: cbn_activate_each<ACT_TANH, N>(v, slope); break;
     }
 }
 
-// The per-channel inputs of a kernel: mean, spread (invstd, or var when spread_is_var), gamma, beta.
+// g[i] = g[i] * act'(z[i])
+template <int ACT, int N, typename W> __device__ __forceinline__ void cbn_activation_grad_each(W *g, const W *z, W slope)
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        g[i] = cbn_activation_grad(g[i], z[i], ACT, slope);
+}
+
+template <int N, typename W> __device__ __forceinline__ void cbn_activation_grad_all(W *g, const W *z, int act, W slope)
+{
+    switch (act) {
+    case ACT_RELU: cbn_activation_grad_each<ACT_RELU, N>(g, z, slope); break;
+    case ACT_LEAKY_RELU: cbn_activation_grad_each<ACT_LEAKY_RELU, N>(g, z, slope); break;
+    case ACT_SIGMOID: cbn_activation_grad_each<ACT_SIGMOID, N>(g, z, slope); break;
+    case ACT_TANH: cbn_activation_grad_each<ACT_TANH, N>(g, z, slope); break;
+    }
+}
+
+// Values of a per-channel input at channels c[0], ..., c[N - 1], or ``missing`` where it is absent:
+// one type switch for the N reads, so that they are in flight together (a thread reads its channels'
+// inputs before anything else; reads one after the other would each wait a memory latency).
+template <int N>
+__device__ __forceinline__ void cbn_channel(const void *p, int type, const long long *c, double missing, double *v)
+{
+    switch (type) {
+    case CH_HALF:
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = (double)cbn_load((const cbn_half *)p + c[i]);
+        break;
+    case CH_FLOAT:
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = (double)((const float *)p)[c[i]];
+        break;
+    case CH_DOUBLE:
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = ((const double *)p)[c[i]];
+        break;
+    default:
+#pragma unroll
+        for (int i = 0; i < N; i++)
+            v[i] = missing;
+    }
+}
+
+// The per-channel inputs of a kernel: mean, spread (invstd, or var when spread_is_var), gamma, beta;
+// read for N channels at once (means<N>, ...) or for one (mean_at, ...).
 struct cbn_channels {
     const void *mean, *spread, *gamma, *beta;
     int mean_t, spread_t, gamma_t, beta_t, spread_is_var;
     double eps;
 
-    __device__ __forceinline__ double mean_at(long long c) const { return cbn_channel(mean, mean_t, c, 0.0); }
-    __device__ __forceinline__ double invstd_at(long long c) const
+    template <int N> __device__ __forceinline__ void means(const long long *c, double *v) const
     {
-        double s = cbn_channel(spread, spread_t, c, 1.0);
-        return spread_is_var ? 1.0 / sqrt(s + eps) : s;
+        cbn_channel<N>(mean, mean_t, c, 0.0, v);
     }
-    __device__ __forceinline__ double gamma_at(long long c) const { return cbn_channel(gamma, gamma_t, c, 1.0); }
-    __device__ __forceinline__ double beta_at(long long c) const { return cbn_channel(beta, beta_t, c, 0.0); }
+    template <int N> __device__ __forceinline__ void invstds(const long long *c, double *v) const
+    {
+        cbn_channel<N>(spread, spread_t, c, 1.0, v);
+        if (spread_is_var) {
+#pragma unroll
+            for (int i = 0; i < N; i++)
+                v[i] = 1.0 / sqrt(v[i] + eps);
+        }
+    }
+    template <int N> __device__ __forceinline__ void gammas(const long long *c, double *v) const
+    {
+        cbn_channel<N>(gamma, gamma_t, c, 1.0, v);
+    }
+    template <int N> __device__ __forceinline__ void betas(const long long *c, double *v) const
+    {
+        cbn_channel<N>(beta, beta_t, c, 0.0, v);
+    }
+    __device__ __forceinline__ double mean_at(long long c) const { double v; means<1>(&c, &v); return v; }
+    __device__ __forceinline__ double invstd_at(long long c) const { double v; invstds<1>(&c, &v); return v; }
+    __device__ __forceinline__ double gamma_at(long long c) const { double v; gammas<1>(&c, &v); return v; }
+    __device__ __forceinline__ double beta_at(long long c) const { double v; betas<1>(&c, &v); return v; }
 };
 
 #define CBN_CHANNEL_PARAMS                                                                                          \
@@ -122,16 +197,76 @@ struct cbn_channels {
 template <typename W> struct cbn_affine {
     W mu_hi, mu_lo, scale, shift;
 
-    __device__ __forceinline__ cbn_affine(const cbn_channels &ch, long long c)
+    __device__ __forceinline__ cbn_affine() : mu_hi(0), mu_lo(0), scale(0), shift(0) {}
+    __device__ __forceinline__ cbn_affine(const cbn_channels &ch, long long c) { of<1>(ch, &c, this); }
+
+    // the parameters of channels c[0..N) into out[0..N)
+    template <int N> __device__ __forceinline__ static void of(const cbn_channels &ch, const long long *c, cbn_affine *out)
     {
-        const double mean = ch.mean_at(c);
-        mu_hi = (W)mean;
-        mu_lo = (W)(mean - (double)mu_hi);
-        scale = (W)(ch.gamma_at(c) * ch.invstd_at(c));
-        shift = (W)ch.beta_at(c);
+        double mean[N], invstd[N], gamma[N], beta[N];
+        ch.means<N>(c, mean);
+        ch.invstds<N>(c, invstd);
+        ch.gammas<N>(c, gamma);
+        ch.betas<N>(c, beta);
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            out[i].mu_hi = (W)mean[i];
+            out[i].mu_lo = (W)(mean[i] - (double)out[i].mu_hi);
+            out[i].scale = (W)(gamma[i] * invstd[i]);
+            out[i].shift = (W)beta[i];
+        }
     }
     __device__ __forceinline__ W centred(W v) const { return (v - mu_hi) - mu_lo; }
 };
+
+// The channels of columns q, q + 1, ..., q + N - 1 of a row.
+template <int N> __device__ __forceinline__ void cbn_column_channels(long long q, long long B, long long *c)
+{
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        c[i] = (q + i) / B;
+}
+
+// Vectors of VEC consecutive elements (VEC = 1, or 16 bytes' worth): one 16-byte access when the
+// call's arrays are 16-byte aligned, else VEC element accesses.  Either way each thread gets the same
+// values in the same order, so results do not depend on alignment.
+template <typename T, int VEC>
+__device__ __forceinline__ void cbn_load_vec(const T *p, typename cbn_work<T>::type *v, bool aligned)
+{
+    if (VEC * sizeof(T) == 16 && aligned) {
+        union {
+            uint4 bits;
+            T t[VEC];
+        } u;
+        u.bits = *reinterpret_cast<const uint4 *>(p);
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            v[i] = cbn_load(&u.t[i]);
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            v[i] = cbn_load(p + i);
+    }
+}
+
+template <typename T, int VEC>
+__device__ __forceinline__ void cbn_store_vec(T *p, const typename cbn_work<T>::type *v, bool aligned)
+{
+    if (VEC * sizeof(T) == 16 && aligned) {
+        union {
+            uint4 bits;
+            T t[VEC];
+        } u;
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            cbn_store(&u.t[i], v[i]);
+        *reinterpret_cast<uint4 *>(p) = u.bits;
+    } else {
+#pragma unroll
+        for (int i = 0; i < VEC; i++)
+            cbn_store(p + i, v[i]);
+    }
+}
 
 // One element's contribution (s1, s2) to a channel's sums.
 // MODE 0, statistics: d = x - pivot, (d, d*d), the pivot the channel's first value.
@@ -143,22 +278,46 @@ template <typename T, int MODE> struct cbn_term {
     W slope;
     int act;
 
-    __device__ __forceinline__ cbn_term(const T *x, const cbn_channels &ch, long long c, long long B, int act_,
-                                        double slope_)
-        : affine(ch, c), slope((W)slope_), act(act_)
+    __device__ __forceinline__ cbn_term() {}
+    __device__ __forceinline__ cbn_term(const T *x, const cbn_channels &ch, long long c, long long B, int act,
+                                        double slope)
     {
-        pivot = MODE == 0 ? (double)cbn_load(x + c * B) : ch.mean_at(c);  // x + c * B: row 0, b 0 of channel c
+        of<1>(x, ch, &c, B, act, slope, this);
     }
 
-    __device__ __forceinline__ void add(const T *x, const T *dy, long long i, double &s1, double &s2) const
+    // the terms of channels c[0..N) into out[0..N)
+    template <int N>
+    __device__ __forceinline__ static void of(const T *x, const cbn_channels &ch, const long long *c, long long B,
+                                              int act, double slope, cbn_term *out)
     {
-        W v = cbn_load(x + i);
+        double pivot[N];
+        cbn_affine<W> affine[N];
+        if (MODE == 0) {
+#pragma unroll
+            for (int i = 0; i < N; i++)
+                pivot[i] = (double)cbn_load(x + c[i] * B);  // x + c * B: row 0, b 0 of channel c
+        } else {
+            ch.means<N>(c, pivot);
+            if (act != ACT_NONE)  // z is needed only for the activation's gradient
+                cbn_affine<W>::template of<N>(ch, c, affine);
+        }
+#pragma unroll
+        for (int i = 0; i < N; i++) {
+            out[i].pivot = pivot[i];
+            out[i].affine = affine[i];
+            out[i].slope = (W)slope;
+            out[i].act = act;
+        }
+    }
+
+    // v: x's value; g: dy's (MODE 1)
+    __device__ __forceinline__ void add(W v, W g, double &s1, double &s2) const
+    {
         if (MODE == 0) {
             double d = (double)v - pivot;
             s1 += d;
             s2 += d * d;
         } else {
-            W g = cbn_load(dy + i);
             if (act != ACT_NONE)
                 g = cbn_activation_grad(g, affine.centred(v) * affine.scale + affine.shift, act, slope);
             s1 += (double)g;
@@ -191,27 +350,25 @@ __device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
     }
 }
 
-// The channel's result from its n_part partial sums, by one whole warp, in a
-// fixed order (so it does not matter which block finishes the channel):
+// Channel c's result from its n_part partial sums (pairs at part + 2 * c * n_part), by a whole 1-D
+// block, in a fixed order (so it does not matter which block finishes the channel):
 // MODE 0: out rows (mean, invstd, biased var) in double, out_w the same in W;
 // MODE 1: out rows (sum dz, sum dz * (x - mean)), out_w rows (dgamma, dbeta).
 template <typename T, int MODE>
 __device__ __forceinline__ void cbn_finish(const double *part, long long n_part, const T *x, const cbn_channels &ch,
                                            long long c, long long C, long long B, double count, double *out,
-                                           typename cbn_work<T>::type *out_w, int lane)
+                                           typename cbn_work<T>::type *out_w)
 {
     typedef typename cbn_work<T>::type W;
     const double *pc = part + 2 * c * n_part;
     double s1 = 0.0, s2 = 0.0;
-    for (long long p = lane; p < n_part; p += 32) {
+#pragma unroll 4
+    for (long long p = threadIdx.x; p < n_part; p += blockDim.x) {
         s1 += __ldcg(pc + 2 * p);  // written by other blocks: read from L2, not a stale L1 line
         s2 += __ldcg(pc + 2 * p + 1);
     }
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        s1 += __shfl_down_sync(0xffffffffu, s1, offset);
-        s2 += __shfl_down_sync(0xffffffffu, s2, offset);
-    }
-    if (lane != 0)
+    cbn_block_sum(s1, s2);
+    if (threadIdx.x != 0)
         return;
     if (MODE == 0) {
         const double d = s1 / count;  // mean - pivot
@@ -233,37 +390,42 @@ __device__ __forceinline__ void cbn_finish(const double *part, long long n_part,
 }
 
 #define CBN_REDUCE_RESULTS                                                                                          \
-    double *__restrict__ part, unsigned int *__restrict__ counter, double count, double *__restrict__ out,           \
-        typename cbn_work<T>::type *__restrict__ out_w
+    double count, double *__restrict__ out, typename cbn_work<T>::type *__restrict__ out_w
 
-// Per-channel sums when a channel's values come in runs of B >= 32: block k
-// of channel c sums values [k * chunk, (k + 1) * chunk) of the channel (index
-// j = a * B + b) into part[c * n_chunks + k]; the channel's last block to
-// finish (counter: zero at launch, left at zero) turns its partials into the
-// results.
+// Per-channel sums when a channel's values come in runs of B >= 32, in vectors of VEC values (B a
+// multiple of VEC): block k of channel c sums the channel's vectors [k * span, (k + 1) * span)
+// (vector j = a * (B / VEC) + b / VEC) into part[c * n_chunks + k]; the channel's last block to finish
+// (counter: zero at launch, left at zero) turns its partials into the results (cbn_finish).
 // Grid: C * n_chunks blocks of whole warps.
-template <typename T, int MODE>
+template <typename T, int MODE, int VEC>
 __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
-                                long long C, long long B, long long chunk, int n_chunks, int act, double slope,
+                                long long C, long long B, long long span, int n_chunks, int aligned, int act,
+                                double slope, double *__restrict__ part, unsigned int *__restrict__ counter,
                                 CBN_REDUCE_RESULTS)
 {
+    typedef typename cbn_work<T>::type W;
+    enum { U = 4 };  // vectors in flight per thread
     __shared__ bool last;
     const long long c = blockIdx.x / n_chunks;
     const long long k = blockIdx.x - c * n_chunks;
     const cbn_channels ch = CBN_CHANNEL_ARGS;
     const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
-    const long long Q = C * B, end = cbn_min(A * B, (k + 1) * chunk), step = blockDim.x;
+    const long long Q = C * B, BV = B / VEC, end = cbn_min(A * BV, (k + 1) * span), step = blockDim.x;
     const T *xc = x + c * B, *dyc = MODE == 1 ? dy + c * B : dy;
-    // (a, b) of index j, advanced by step without a division per value
-    long long j = k * chunk + threadIdx.x;
-    long long a = j / B, b = j - a * B;
-    const long long step_a = step / B, step_b = step - step_a * B;
+    // (a, b) of vector j, b in values, advanced by step vectors without a division per vector
+    long long j = k * span + threadIdx.x;
+    long long a = j / BV, b = (j - a * BV) * VEC;
+    const long long step_a = step / BV, step_b = (step - step_a * BV) * VEC;
     double s1 = 0.0, s2 = 0.0;
-    for (; j + 3 * step < end; j += 4 * step) {  // four loads in flight
-        long long offset[4];
+    W v[U][VEC], g[U][VEC];
+    for (; j < end; j += U * step) {
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            offset[u] = a * Q + b;
+        for (int u = 0; u < U; u++) {
+            if (j + u * step < end) {
+                cbn_load_vec<T, VEC>(xc + (a * Q + b), v[u], aligned);
+                if (MODE == 1)
+                    cbn_load_vec<T, VEC>(dyc + (a * Q + b), g[u], aligned);
+            }
             a += step_a;
             b += step_b;
             if (b >= B) {
@@ -272,16 +434,12 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++)
-            term.add(xc, dyc, offset[u], s1, s2);
-    }
-    for (; j < end; j += step) {
-        term.add(xc, dyc, a * Q + b, s1, s2);
-        a += step_a;
-        b += step_b;
-        if (b >= B) {
-            b -= B;
-            a++;
+        for (int u = 0; u < U; u++) {
+            if (j + u * step < end) {
+#pragma unroll
+                for (int i = 0; i < VEC; i++)
+                    term.add(v[u][i], MODE == 1 ? g[u][i] : W(0), s1, s2);
+            }
         }
     }
     cbn_block_sum(s1, s2);
@@ -294,69 +452,94 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
             counter[c] = 0;  // every block of the channel has counted: ready for the next launch
     }
     __syncthreads();
-    if (last && threadIdx.x < 32)
-        cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w, threadIdx.x);
+    if (last)
+        cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w);
 }
 
-// Per-column sums, for channels whose values come in short runs (B < 32;
-// B == 1 for NC and NHWC): a (32, 8) block sums 32 columns q over rows
-// [k * rows, (k + 1) * rows); column q = c * B + b of chunk k goes to
-// partial (b * n_chunks + k) of channel c.  The last block to finish its
-// part of a channel (counter: zero at launch, left at zero) turns the channel's
-// partials into the results.  Grid: (ceil(Q / 32), n_chunks), blocks of (32, 8).
-template <typename T, int MODE>
-__global__ void cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
-                                long long C, long long B, long long rows, int n_chunks, int act, double slope,
-                                CBN_REDUCE_RESULTS)
+#define CBN_COLS_THREADS 256  // the block of cbn_reduce_cols (THREADS in _cuda_plan.py)
+
+// Per-column sums, for channels whose values come in short runs (B < 32; B == 1 for NC and NHWC),
+// in vectors of VEC columns (Q = C * B a multiple of VEC): thread (tx, ty) of block (gx, gy), blocks
+// of (BX, BY) threads, sums columns q = (gx * BX + tx) * VEC + i, i < VEC, over rows gy * rows + ty,
+// + BY, ... below (gy + 1) * rows, into partial q * n_chunks + gy: channel c's B * n_chunks partials
+// follow each other from c * B * n_chunks, for cbn_finish_channels.  Grid: (ceil(Q / VEC / BX), n_chunks).
+template <typename T, int MODE, int VEC>
+__global__ void __launch_bounds__(CBN_COLS_THREADS) cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
+                                long long C, long long B, long long rows, int n_chunks, int aligned, int act,
+                                double slope, double *__restrict__ part)
 {
-    __shared__ double shared[2][8][33];
-    __shared__ long long finish[32];
-    __shared__ int n_finish;
+    typedef typename cbn_work<T>::type W;
+    enum { U = 4 };  // rows in flight per thread
+    __shared__ double shared[2][CBN_COLS_THREADS * VEC];
     const long long Q = C * B;
-    const long long q = (long long)blockIdx.x * 32 + threadIdx.x;
-    const bool active = q < Q;
-    const long long c = active ? q / B : 0, b = q - c * B;
+    const long long q = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
+    const bool active = q < Q;  // all VEC columns (Q is a multiple of VEC)
     const cbn_channels ch = CBN_CHANNEL_ARGS;
-    double s1 = 0.0, s2 = 0.0;
-    if (threadIdx.x == 0 && threadIdx.y == 0)
-        n_finish = 0;
-    if (active) {
-        const cbn_term<T, MODE> term(x, ch, c, B, act, slope);
-        const long long end = cbn_min(A, (blockIdx.y + 1) * rows);
-        long long r = blockIdx.y * rows + threadIdx.y;
-        for (; r + 24 < end; r += 32) {  // four loads in flight
+    double s1[VEC], s2[VEC];
 #pragma unroll
-            for (int u = 0; u < 4; u++)
-                term.add(x, dy, (r + 8 * u) * Q + q, s1, s2);
+    for (int i = 0; i < VEC; i++)
+        s1[i] = s2[i] = 0.0;
+    if (active) {
+        long long c[VEC];
+        cbn_column_channels<VEC>(q, B, c);
+        cbn_term<T, MODE> term[VEC];
+        cbn_term<T, MODE>::template of<VEC>(x, ch, c, B, act, slope, term);
+        const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
+        W v[U][VEC], g[U][VEC];
+        for (long long r = blockIdx.y * rows + threadIdx.y; r < end; r += U * step) {
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (r + u * step < end) {
+                    cbn_load_vec<T, VEC>(x + (r + u * step) * Q + q, v[u], aligned);
+                    if (MODE == 1)
+                        cbn_load_vec<T, VEC>(dy + (r + u * step) * Q + q, g[u], aligned);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < U; u++) {
+                if (r + u * step < end) {
+#pragma unroll
+                    for (int i = 0; i < VEC; i++)
+                        term[i].add(v[u][i], MODE == 1 ? g[u][i] : W(0), s1[i], s2[i]);
+                }
+            }
         }
-        for (; r < end; r += 8)
-            term.add(x, dy, r * Q + q, s1, s2);
     }
-    shared[0][threadIdx.y][threadIdx.x] = s1;
-    shared[1][threadIdx.y][threadIdx.x] = s2;
+    // the block's rows summed in a fixed tree order; shared[.][ty * BX * VEC + tx * VEC + i]
+    const int width = blockDim.x * VEC, at = threadIdx.y * width + threadIdx.x * VEC;
+#pragma unroll
+    for (int i = 0; i < VEC; i++) {
+        shared[0][at + i] = s1[i];
+        shared[1][at + i] = s2[i];
+    }
     __syncthreads();
+    for (int half = blockDim.y >> 1; half > 0; half >>= 1) {
+        if ((int)threadIdx.y < half) {
+#pragma unroll
+            for (int i = 0; i < VEC; i++) {
+                shared[0][at + i] += shared[0][at + half * width + i];
+                shared[1][at + i] += shared[1][at + half * width + i];
+            }
+        }
+        __syncthreads();
+    }
     if (threadIdx.y == 0 && active) {
-        for (int i = 1; i < 8; i++) {
-            s1 += shared[0][i][threadIdx.x];
-            s2 += shared[1][i][threadIdx.x];
-        }
-        const long long p = (c * B + b) * n_chunks + blockIdx.y;  // = c * (B * n_chunks) + b * n_chunks + k
-        part[2 * p] = s1;
-        part[2 * p + 1] = s2;
-        __threadfence();  // the partial is visible to every block before the count says so
-    }
-    __syncthreads();
-    // one count per (channel, block), by the channel's first column in this block's tile
-    if (threadIdx.y == 0 && active && (b == 0 || threadIdx.x == 0)) {
-        const long long tiles = (c * B + B - 1) / 32 - c * B / 32 + 1;  // tiles holding channel c
-        if (atomicAdd(counter + c, 1u) == (unsigned int)(tiles * n_chunks - 1)) {
-            counter[c] = 0;  // every block of the channel has counted: ready for the next launch
-            finish[atomicAdd(&n_finish, 1)] = c;
+#pragma unroll
+        for (int i = 0; i < VEC; i++) {
+            const long long p = (q + i) * n_chunks + blockIdx.y;
+            part[2 * p] = shared[0][at + i];
+            part[2 * p + 1] = shared[1][at + i];
         }
     }
-    __syncthreads();
-    for (int i = threadIdx.y; i < n_finish; i += 8)  // one warp per finished channel
-        cbn_finish<T, MODE>(part, B * n_chunks, x, ch, finish[i], C, B, count, out, out_w, threadIdx.x);
+}
+
+// The results of cbn_reduce_cols' partials: block c finishes channel c (cbn_finish).  Grid: C blocks.
+template <typename T, int MODE>
+__global__ void cbn_finish_channels(const T *__restrict__ x, CBN_CHANNEL_PARAMS, long long C, long long B,
+                                    long long n_part, const double *__restrict__ part, CBN_REDUCE_RESULTS)
+{
+    const cbn_channels ch = CBN_CHANNEL_ARGS;
+    cbn_finish<T, MODE>(part, n_part, x, ch, blockIdx.x, C, B, count, out, out_w);
 }
 
 // Position of value j = a * B + b of a channel, advanced by a fixed step without a division per value;
@@ -506,74 +689,110 @@ __global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_backward_channel(c
     }
 }
 
-// y = act(((x - mu_hi) - mu_lo) * scale + shift).  Thread (tx, ty) of block
-// (bx, by) handles column q = bx * blockDim.x + tx, rows by * rows + ty + k *
-// blockDim.y: one channel per thread, coalesced along q.  y may be x.
-template <typename T>
+// The elementwise kernels' threads: thread (tx, ty) of block (bx, by) handles the VEC columns
+// q = (bx * blockDim.x + tx) * VEC + i, i < VEC (Q a multiple of VEC; the columns' channels may
+// differ), rows by * rows + ty + k * blockDim.y: coalesced along q.
+
+// y = act(((x - mu_hi) - mu_lo) * scale + shift).  y may be x.
+template <typename T, int VEC>
 __global__ void cbn_normalize(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B,
-                              long long rows, int act, double slope)
+                              long long rows, int aligned, int act, double slope)
 {
     typedef typename cbn_work<T>::type W;
+    enum { U = VEC == 1 ? 8 : 4 };  // rows in flight per thread
     const long long Q = C * B;
-    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long q = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (q >= Q)
         return;
     const cbn_channels ch = CBN_CHANNEL_ARGS;
-    const cbn_affine<W> p(ch, q / B);
+    long long c[VEC];
+    cbn_column_channels<VEC>(q, B, c);
+    cbn_affine<W> p[VEC];
+    cbn_affine<W>::template of<VEC>(ch, c, p);
     const W w_slope = (W)slope;
     const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
-    long long r = blockIdx.y * rows + threadIdx.y;
-    for (; r + 7 * step < end; r += 8 * step) {  // eight loads in flight, then eight stores
-        W v[8];
+    for (long long r = blockIdx.y * rows + threadIdx.y; r < end; r += U * step) {
+        W v[U][VEC];
 #pragma unroll
-        for (int u = 0; u < 8; u++)
-            v[u] = cbn_load(x + (r + u * step) * Q + q);
+        for (int u = 0; u < U; u++)
+            if (r + u * step < end)
+                cbn_load_vec<T, VEC>(x + (r + u * step) * Q + q, v[u], aligned);
 #pragma unroll
-        for (int u = 0; u < 8; u++)
-            cbn_store(y + (r + u * step) * Q + q, cbn_activate(p.centred(v[u]) * p.scale + p.shift, act, w_slope));
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < VEC; i++)
+                v[u][i] = p[i].centred(v[u][i]) * p[i].scale + p[i].shift;
+        if (act != ACT_NONE)
+            cbn_activate_all<U * VEC>(&v[0][0], act, w_slope);
+#pragma unroll
+        for (int u = 0; u < U; u++)
+            if (r + u * step < end)
+                cbn_store_vec<T, VEC>(y + (r + u * step) * Q + q, v[u], aligned);
     }
-    for (; r < end; r += step)
-        cbn_store(y + r * Q + q, cbn_activate(p.centred(cbn_load(x + r * Q + q)) * p.scale + p.shift, act, w_slope));
 }
 
 // dx = ((dz - dy_mean) - ((x - mu_hi) - mu_lo) * c_xmu) * k_dy with dz = dy * act'(z), z recomputed
 // from x, dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd (sums from
 // the MODE 1 reduction).  Launched like cbn_normalize; dx may be dy or x.
-template <typename T>
-__global__ void cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS,
+template <typename T, int VEC>
+__global__ void __launch_bounds__(CBN_COLS_THREADS, 2) cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS,
                                    const double *__restrict__ sums, double count, long long A, long long C,
-                                   long long B, long long rows, int act, double slope)
+                                   long long B, long long rows, int aligned, int act, double slope)
 {
     typedef typename cbn_work<T>::type W;
+    enum { U = sizeof(T) == 2 && VEC > 1 ? 2 : 4 };  // rows in flight per thread (float16 vectors widen to 8 floats)
     const long long Q = C * B;
-    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const long long q = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     if (q >= Q)
         return;
-    const long long c = q / B;
     const cbn_channels ch = CBN_CHANNEL_ARGS;
-    const cbn_affine<W> p(ch, c);
-    const double invstd = ch.invstd_at(c);
-    const W dy_mean = (W)(sums[c] / count), c_xmu = (W)(invstd * invstd * sums[C + c] / count);
-    const W k_dy = (W)(ch.gamma_at(c) * invstd), w_slope = (W)slope;
-    const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
-    long long r = blockIdx.y * rows + threadIdx.y;
-    for (; r < end; r += 4 * step) {  // four rows' loads in flight
-        W g[4], xm[4];
-        bool has[4];
+    long long c[VEC];
+    cbn_column_channels<VEC>(q, B, c);
+    cbn_affine<W> p[VEC];
+    cbn_affine<W>::template of<VEC>(ch, c, p);
+    double invstd_c[VEC], gamma_c[VEC];
+    ch.invstds<VEC>(c, invstd_c);
+    ch.gammas<VEC>(c, gamma_c);
+    W dy_mean[VEC], c_xmu[VEC], k_dy[VEC];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            has[u] = r + u * step < end;
-            if (has[u]) {
-                const long long i = (r + u * step) * Q + q;
-                g[u] = cbn_load(dy + i);
-                xm[u] = p.centred(cbn_load(x + i));
+    for (int i = 0; i < VEC; i++) {
+        dy_mean[i] = (W)(sums[c[i]] / count);
+        c_xmu[i] = (W)(invstd_c[i] * invstd_c[i] * sums[C + c[i]] / count);
+        k_dy[i] = (W)(gamma_c[i] * invstd_c[i]);
+    }
+    const W w_slope = (W)slope;
+    const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
+    for (long long r = blockIdx.y * rows + threadIdx.y; r < end; r += U * step) {
+        W g[U][VEC], v[U][VEC];
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (r + u * step < end) {
+                const long long at = (r + u * step) * Q + q;
+                cbn_load_vec<T, VEC>(dy + at, g[u], aligned);
+                cbn_load_vec<T, VEC>(x + at, v[u], aligned);
             }
         }
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            if (has[u]) {
-                W dz = act == ACT_NONE ? g[u] : cbn_activation_grad(g[u], xm[u] * p.scale + p.shift, act, w_slope);
-                cbn_store(dx + (r + u * step) * Q + q, ((dz - dy_mean) - xm[u] * c_xmu) * k_dy);
+        for (int u = 0; u < U; u++)
+#pragma unroll
+            for (int i = 0; i < VEC; i++)
+                v[u][i] = p[i].centred(v[u][i]);  // x - mean
+        if (act != ACT_NONE) {
+            W z[U][VEC];
+#pragma unroll
+            for (int u = 0; u < U; u++)
+#pragma unroll
+                for (int i = 0; i < VEC; i++)
+                    z[u][i] = v[u][i] * p[i].scale + p[i].shift;
+            cbn_activation_grad_all<U * VEC>(&g[0][0], &z[0][0], act, w_slope);
+        }
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+            if (r + u * step < end) {
+#pragma unroll
+                for (int i = 0; i < VEC; i++)
+                    g[u][i] = ((g[u][i] - dy_mean[i]) - v[u][i] * c_xmu[i]) * k_dy[i];
+                cbn_store_vec<T, VEC>(dx + (r + u * step) * Q + q, g[u], aligned);
             }
         }
     }
