@@ -11,7 +11,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-THREADS = 256  # threads per block of the 1-D kernels, and of cbn_reduce_cols (CBN_COLS_THREADS in the .cu)
+THREADS = 256  # threads per block of the split kernels (CBN_SPLIT_THREADS in the .cu)
 REDUCE_BLOCKS = 2048  # blocks a reduction aims for: a few waves on any current GPU
 ELEMENTWISE_BLOCKS = 4096
 ELEMENTWISE_MIN_BLOCKS = 512  # a few blocks per multiprocessor

@@ -23,7 +23,7 @@ def test_cuda_source_ships_with_the_package():
     text = SOURCE.read_text()
     assert "cbn_reduce_rows" in text
     assert f"#define CBN_CHANNEL_THREADS {plan.CHANNEL_THREADS} " in text  # launch bounds = the launch's block
-    assert f"#define CBN_COLS_THREADS {plan.THREADS} " in text
+    assert f"#define CBN_SPLIT_THREADS {plan.THREADS} " in text
 
 
 @pytest.mark.parametrize("arch", ["sm_80", "sm_90"])

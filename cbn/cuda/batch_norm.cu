@@ -108,7 +108,8 @@ template <int N, typename W> __device__ __forceinline__ void cbn_activate_all(W 
 }
 
 // g[i] = g[i] * act'(z[i])
-template <int ACT, int N, typename W> __device__ __forceinline__ void cbn_activation_grad_each(W *g, const W *z, W slope)
+template <int ACT, int N, typename W>
+__device__ __forceinline__ void cbn_activation_grad_each(W *g, const W *z, W slope)
 {
 #pragma unroll
     for (int i = 0; i < N; i++)
@@ -201,7 +202,8 @@ template <typename W> struct cbn_affine {
     __device__ __forceinline__ cbn_affine(const cbn_channels &ch, long long c) { of<1>(ch, &c, this); }
 
     // the parameters of channels c[0..N) into out[0..N)
-    template <int N> __device__ __forceinline__ static void of(const cbn_channels &ch, const long long *c, cbn_affine *out)
+    template <int N>
+    __device__ __forceinline__ static void of(const cbn_channels &ch, const long long *c, cbn_affine *out)
     {
         double mean[N], invstd[N], gamma[N], beta[N];
         ch.means<N>(c, mean);
@@ -456,7 +458,7 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
         cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w);
 }
 
-#define CBN_COLS_THREADS 256  // the block of cbn_reduce_cols (THREADS in _cuda_plan.py)
+#define CBN_SPLIT_THREADS 256  // the block of the split kernels (THREADS in _cuda_plan.py)
 
 // Per-column sums, for channels whose values come in short runs (B < 32; B == 1 for NC and NHWC),
 // in vectors of VEC columns (Q = C * B a multiple of VEC): thread (tx, ty) of block (gx, gy), blocks
@@ -464,13 +466,14 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
 // + BY, ... below (gy + 1) * rows, into partial q * n_chunks + gy: channel c's B * n_chunks partials
 // follow each other from c * B * n_chunks, for cbn_finish_channels.  Grid: (ceil(Q / VEC / BX), n_chunks).
 template <typename T, int MODE, int VEC>
-__global__ void __launch_bounds__(CBN_COLS_THREADS) cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A,
-                                long long C, long long B, long long rows, int n_chunks, int aligned, int act,
-                                double slope, double *__restrict__ part)
+__global__ void __launch_bounds__(CBN_SPLIT_THREADS)
+    cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A, long long C,
+                    long long B, long long rows, int n_chunks, int aligned, int act, double slope,
+                    double *__restrict__ part)
 {
     typedef typename cbn_work<T>::type W;
     enum { U = 4 };  // rows in flight per thread
-    __shared__ double shared[2][CBN_COLS_THREADS * VEC];
+    __shared__ double shared[2][CBN_SPLIT_THREADS * VEC];
     const long long Q = C * B;
     const long long q = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
     const bool active = q < Q;  // all VEC columns (Q is a multiple of VEC)
@@ -588,9 +591,9 @@ __device__ __forceinline__ void cbn_block_allsum(double &s1, double &s2)
 #define CBN_CHANNEL_THREADS 512  // the block of the one-block-per-channel kernels (CHANNEL_THREADS in _cuda_plan.py)
 
 template <typename T, int VALS>
-__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_train_channel(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B,
-                                  int act, double slope, double *__restrict__ stats,
-                                  typename cbn_work<T>::type *__restrict__ out_w)
+__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1)
+    cbn_train_channel(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B, int act,
+                      double slope, double *__restrict__ stats, typename cbn_work<T>::type *__restrict__ out_w)
 {
     typedef typename cbn_work<T>::type W;
     const long long c = blockIdx.x, m = A * B;
@@ -643,9 +646,10 @@ __global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_train_channel(cons
 // Backward of small channels, one block per channel with its dy and x in registers: the sums and dx
 // in one launch (sums and out_w as cbn_finish, MODE 1).  dx may be dy or x.
 template <typename T, int VALS>
-__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1) cbn_backward_channel(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS, long long A, long long C,
-                                     long long B, int act, double slope, double *__restrict__ sums,
-                                     typename cbn_work<T>::type *__restrict__ out_w)
+__global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1)
+    cbn_backward_channel(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS, long long A, long long C, long long B,
+                         int act, double slope, double *__restrict__ sums,
+                         typename cbn_work<T>::type *__restrict__ out_w)
 {
     typedef typename cbn_work<T>::type W;
     const long long c = blockIdx.x, m = A * B;
@@ -735,9 +739,10 @@ __global__ void cbn_normalize(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A,
 // from x, dy_mean = sum_dz / m, c_xmu = invstd^2 * sum_dz_xmu / m, k_dy = gamma * invstd (sums from
 // the MODE 1 reduction).  Launched like cbn_normalize; dx may be dy or x.
 template <typename T, int VEC>
-__global__ void __launch_bounds__(CBN_COLS_THREADS, 2) cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS,
-                                   const double *__restrict__ sums, double count, long long A, long long C,
-                                   long long B, long long rows, int aligned, int act, double slope)
+__global__ void __launch_bounds__(CBN_SPLIT_THREADS, 2)
+    cbn_backward_elemt(const T *dy, const T *x, T *dx, CBN_CHANNEL_PARAMS, const double *__restrict__ sums,
+                       double count, long long A, long long C, long long B, long long rows, int aligned, int act,
+                       double slope)
 {
     typedef typename cbn_work<T>::type W;
     enum { U = sizeof(T) == 2 && VEC > 1 ? 2 : 4 };  // rows in flight per thread (float16 vectors widen to 8 floats)
