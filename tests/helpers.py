@@ -75,3 +75,12 @@ def whole_stats(x, axes):
     red = tuple(range(x.ndim - len(axes)))
     mean = moved.mean(axis=red)
     return mean, ((moved - mean) ** 2).sum(axis=red)
+
+
+def unaligned(a, empty):
+    """A C-contiguous copy of ``a`` that does not start on a 16-byte boundary (``empty``: the array module's)."""
+    buffer = empty(a.size + 1, dtype=a.dtype)
+    view = buffer[1:].reshape(a.shape)
+    view[...] = a
+    assert view.data.ptr % 16 != 0 and view.flags.c_contiguous
+    return view

@@ -37,19 +37,27 @@ __device__ __forceinline__ float cbn_load(const float *p) { return *p; }
 __device__ __forceinline__ double cbn_load(const double *p) { return *p; }
 __device__ __forceinline__ float cbn_load(const cbn_half *p)
 {
+#ifndef CBN_CPU_EMULATION
     unsigned short h = p->bits;
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;
+#else  // the kernels compiled for the CPU (tests/cuda_emulator.h): the same conversion in software
+    return (float)*reinterpret_cast<const _Float16 *>(&p->bits);
+#endif
 }
 
 __device__ __forceinline__ void cbn_store(float *p, float v) { *p = v; }
 __device__ __forceinline__ void cbn_store(double *p, double v) { *p = v; }
 __device__ __forceinline__ void cbn_store(cbn_half *p, float v)
 {
+#ifndef CBN_CPU_EMULATION
     unsigned short h;
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
     p->bits = h;
+#else
+    *reinterpret_cast<_Float16 *>(&p->bits) = (_Float16)v;  // round to nearest even, as cvt.rn
+#endif
 }
 
 __device__ __forceinline__ float cbn_exp(float v) { return expf(v); }
