@@ -60,37 +60,39 @@ class _Launcher:
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
 
-    def _reduce(self, mode, x, dy, channels, shape, act, rows):
+    def _reduce(self, mode, x, dy, channels, shape, act, rows, running=None):
         """Per-channel results of a reduction (statistics: mode 0; gradient: mode 1), in float64 and the work
-        dtype, each of shape (rows, C); see cbn_finish in the .cu file."""
+        dtype, each of shape (rows, C); see cbn_finish in the .cu file.  ``running``: :func:`_running` (None:
+        no running statistics)."""
         A, C, B = shape
         p = plan.reduce_plan(A, C, B, self.vec)
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
         split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks), _aligned(x, dy), np.int32(act[0]),
                  np.float64(act[1]), part)
-        count = np.float64(A * B)
+        results = (np.float64(A * B), out, out_w, *(running or _running(None, None, 0.0, x)))
         if p.by_rows:
             self.kernels[f"cbn_reduce_rows<{self.t}, {mode}, {p.vec}>"](
-                p.grid, p.block, (x, dy, *split, _counters(C), count, out, out_w))
+                p.grid, p.block, (x, dy, *split, _counters(C), *results))
         else:
             self.kernels[f"cbn_reduce_cols<{self.t}, {mode}, {p.vec}>"](p.grid, p.block, (x, dy, *split))
             self.kernels[f"cbn_finish_channels<{self.t}, {mode}>"](
-                (C,), (plan.THREADS,), (x, *channels, *_i64(C, B, p.partials), part, count, out, out_w))
+                (C,), (plan.THREADS,), (x, *channels, *_i64(C, B, p.partials), part, *results))
         return out, out_w
 
-    def stats(self, x, shape, eps):
-        """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each."""
-        return self._reduce(0, x, x, _channels(None, None, False, eps, None, None, x), shape, _NO_ACT, 3)
+    def stats(self, x, shape, eps, running=None):
+        """(float64 rows, work-dtype rows) of mean, invstd and biased variance, shape (3, C) each; the running
+        statistics (:func:`_running`) updated."""
+        return self._reduce(0, x, x, _channels(None, None, False, eps, None, None, x), shape, _NO_ACT, 3, running)
 
-    def train(self, x, y, eps, gamma, beta, shape, act):
+    def train(self, x, y, eps, gamma, beta, shape, act, running=None):
         """Training forward into y; returns the statistics as :meth:`stats`.
 
         Small arrays: one launch, one read of x; larger ones: the statistics,
         then the normalize pass.
         """
         if not plan.one_block_per_channel(*shape, self.dtype):
-            stats, out_w = self.stats(x, shape, eps)
+            stats, out_w = self.stats(x, shape, eps, running)
             self.normalize(x, y, _channels(stats[0], stats[1], False, 0.0, gamma, beta, x), shape, act)
             return stats, out_w
         A, C, B = shape
@@ -98,7 +100,7 @@ class _Launcher:
         self.kernels[f"cbn_train_channel<{self.t}, {self.vals}>"](
             (C,), (plan.CHANNEL_THREADS,),
             (x, y, *_channels(None, None, False, eps, gamma, beta, x), *_i64(A, C, B), np.int32(act[0]),
-             np.float64(act[1]), stats, out_w),
+             np.float64(act[1]), stats, out_w, *(running or _running(None, None, 0.0, x))),
         )
         return stats, out_w
 
@@ -165,6 +167,18 @@ def _i64(*values):
 
 def _channel(values, placeholder):
     return (placeholder, _ABSENT) if values is None else (values, np.int32(_CHANNEL_TYPES[values.dtype]))
+
+
+def _running(running_mean, running_var, momentum, placeholder):
+    """The kernels' running-statistics arguments (CBN_RUNNING_PARAMS); None: no update."""
+    return (*_channel(running_mean, placeholder), *_channel(running_var, placeholder), np.float64(momentum))
+
+
+def _updatable_in_place(running, others):
+    """Whether the kernels can update the running statistics themselves: C-contiguous, and sharing no memory
+    with an array the call reads or writes (the CPU path updates them after computing y)."""
+    return all(r.flags.c_contiguous for r in running) and not any(
+        cupy.may_share_memory(r, a) for r in running for a in others if a is not None)
 
 
 def _channels(mean, spread, spread_is_var, eps, gamma, beta, placeholder):
@@ -337,11 +351,14 @@ def train_forward(x, gamma, beta, running_mean, running_var, momentum, eps, chan
         xk = layout.input(x, result)
         y = layout.target(out_y, result, [x, xk])
         C = math.prod(cshape)
+        in_kernel = (running_mean is not None and x.size > 0
+                     and _updatable_in_place((running_mean, running_var), (x, y, gamma, beta, *outs[1:])))
+        running = _running(running_mean, running_var, momentum, x) if in_kernel else None
         if x.size == 0:
             stats, stats_w = cupy.zeros((3, C), dtype=_F64), cupy.zeros((3, C), dtype=work)
         else:
-            stats, stats_w = _launcher_for(result).train(xk, y, eps, gamma, beta, layout.view, act)
-        if running_mean is not None:  # the CPU path's update, on CuPy arrays
+            stats, stats_w = _launcher_for(result).train(xk, y, eps, gamma, beta, layout.view, act, running)
+        if running_mean is not None and not in_kernel:  # the CPU path's update, on CuPy arrays
             update_running(running_mean, running_var, stats[0].reshape(cshape), stats[2].reshape(cshape), count,
                            momentum)
         return (

@@ -52,6 +52,8 @@ inline void __syncthreads() { cbn_emu::block_barrier->arrive_and_wait(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned int atomicAdd(unsigned int *p, unsigned int v) { return std::atomic_ref<unsigned int>(*p).fetch_add(v); }
 template <typename T> inline T __ldcg(const T *p) { return *p; }
+inline double __dadd_rn(double a, double b) { return a + b; }  // g++ -ffp-contract=off: no fused multiply-add
+inline double __dmul_rn(double a, double b) { return a * b; }
 
 template <typename T> inline T __shfl_down_sync(unsigned int, T v, int offset)
 {

@@ -110,8 +110,9 @@ class RawModule:
             compiler = shutil.which("g++") or "c++"
             partial = library.with_name(f"{library.stem}.{os.getpid()}.tmp")  # then renamed: no half-written library
             env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}  # tests/sanitize.sh preloads ASan
-            subprocess.run([compiler, "-std=c++20", "-O1", "-pthread", "-shared", "-fPIC", "-w", str(unit),
-                            "-o", str(partial)], check=True, capture_output=True, text=True, env=env)
+            flags = ["-std=c++20", "-O1", "-ffp-contract=off", "-pthread", "-shared", "-fPIC", "-w"]
+            subprocess.run([compiler, *flags, str(unit), "-o", str(partial)], check=True, capture_output=True,
+                           text=True, env=env)
             partial.replace(library)
         self._library = ctypes.CDLL(str(library))
         self._library.cbn_emulate_launch.restype = ctypes.c_int

@@ -136,6 +136,25 @@ def test_inference_running_statistics_and_batch_stats(rng):
         assert_close(got, expected, np.float32, scale=4)
 
 
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(6, 4, 12), (3, 4, 40), (40, 8)])
+def test_running_statistics_updated_by_the_kernels_as_on_the_host(rng, shape, dtype, kernel_path):
+    """Contiguous running statistics are updated by the kernels that finish the statistics; strided ones by
+    update_running after the call: the same bits."""
+    x = cupy.asarray(data(rng, shape, np.float32, offset=-2.0))
+    C = shape[1]
+    start = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    contiguous = [cupy.asarray(s.copy()) for s in start]
+    strided = [cupy.zeros(2 * C, dtype)[::2] for _ in start]
+    for r, s in zip(strided, start):
+        r[...] = s
+    for rm, rv in (contiguous, strided):
+        cbn.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=0.3)
+    for a, b, s in zip(contiguous, strided, start):
+        np.testing.assert_array_equal(a, b)
+        assert not np.array_equal(a, s)  # updated
+
+
 @pytest.mark.parametrize("shape, axis", [((3, 4, 40), 1), ((40, 8), 1), ((2, 3, 8192), 1)])
 def test_unaligned_arrays_give_the_same_bits(rng, shape, axis, kernel_path):
     x, dy = cupy.asarray(data(rng, shape, np.float32, offset=1.0)), cupy.asarray(data(rng, shape, np.float32))

@@ -146,6 +146,23 @@ def test_inference_and_running_statistics_match_cpu(rng, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(6, 4, 12), (3, 4, 40), (40, 8)])
+def test_running_statistics_updated_by_the_kernels_as_on_the_host(rng, shape, dtype):
+    """Contiguous running statistics are updated by the kernels; strided ones by update_running: same bits."""
+    x = gpu(data(rng, shape, np.float32, offset=-2.0))
+    C = shape[1]
+    start = rng.standard_normal(C).astype(dtype), rng.uniform(0.5, 2, C).astype(dtype)
+    contiguous = [gpu(s) for s in start]
+    strided = [cupy.zeros(2 * C, dtype)[::2] for _ in start]
+    for r, s in zip(strided, start):
+        r[...] = gpu(s)
+    for rm, rv in (contiguous, strided):
+        cbn.batch_norm_forward(x, running_mean=rm, running_var=rv, momentum=0.3)
+    for a, b, s in zip(contiguous, strided, start):
+        assert cupy.array_equal(a, b) and not np.array_equal(host(a), s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, axis", CASES[:6])
 def test_batch_stats(rng, shape, axis, dtype):
     x = data(rng, shape, dtype, offset=10.0)

@@ -52,11 +52,17 @@ __device__ __forceinline__ void cbn_store(double *p, double v) { *p = v; }
 __device__ __forceinline__ void cbn_store(cbn_half *p, float v)
 {
 #ifndef CBN_CPU_EMULATION
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(v));
-    p->bits = h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(p->bits) : "f"(v));
 #else
     *reinterpret_cast<_Float16 *>(&p->bits) = (_Float16)v;  // round to nearest even, as cvt.rn
+#endif
+}
+__device__ __forceinline__ void cbn_store(cbn_half *p, double v)  // one rounding from double, as NumPy's cast
+{
+#ifndef CBN_CPU_EMULATION
+    asm("cvt.rn.f16.f64 %0, %1;" : "=h"(p->bits) : "d"(v));
+#else
+    *reinterpret_cast<_Float16 *>(&p->bits) = (_Float16)v;
 #endif
 }
 
@@ -201,6 +207,39 @@ struct cbn_channels {
     const void *mean, int mean_t, const void *spread, int spread_t, int spread_is_var, double eps,                 \
         const void *gamma, int gamma_t, const void *beta, int beta_t
 #define CBN_CHANNEL_ARGS {mean, spread, gamma, beta, mean_t, spread_t, gamma_t, beta_t, spread_is_var, eps}
+
+// r = (1 - momentum) r + momentum b for value c of a per-channel array (CH_* type), in double
+// without contraction into a fused multiply-add: update_running's bits (cbn/_compute.py).
+__device__ __forceinline__ void cbn_update(void *p, int type, long long c, double b, double momentum)
+{
+    double r;
+    cbn_channel<1>(p, type, &c, 0.0, &r);
+    r = __dadd_rn(__dmul_rn(1.0 - momentum, r), __dmul_rn(momentum, b));
+    switch (type) {
+    case CH_HALF: cbn_store((cbn_half *)p + c, r); break;
+    case CH_FLOAT: ((float *)p)[c] = (float)r; break;
+    case CH_DOUBLE: ((double *)p)[c] = r; break;
+    }
+}
+
+// The running statistics a training forward updates in place (CH_ABSENT: none), by the thread that
+// finishes a channel's statistics: the mean, and the variance unbiased (count / (count - 1)).
+struct cbn_running {
+    void *mean, *var;
+    int mean_t, var_t;
+    double momentum;
+
+    __device__ __forceinline__ void update(long long c, double batch_mean, double batch_var, double count) const
+    {
+        if (mean_t == CH_ABSENT)
+            return;
+        cbn_update(mean, mean_t, c, batch_mean, momentum);
+        cbn_update(var, var_t, c, __dmul_rn(batch_var, count / (count - 1.0)), momentum);
+    }
+};
+
+#define CBN_RUNNING_PARAMS void *run_mean, int run_mean_t, void *run_var, int run_var_t, double momentum
+#define CBN_RUNNING_ARGS {run_mean, run_var, run_mean_t, run_var_t, momentum}
 
 // y's parameters for channel c: z = ((x - mu_hi) - mu_lo) * scale + shift.
 template <typename W> struct cbn_affine {
@@ -362,12 +401,12 @@ __device__ __forceinline__ void cbn_block_sum(double &s1, double &s2)
 
 // Channel c's result from its n_part partial sums (pairs at part + 2 * c * n_part), by a whole 1-D
 // block, in a fixed order (so it does not matter which block finishes the channel):
-// MODE 0: out rows (mean, invstd, biased var) in double, out_w the same in W;
-// MODE 1: out rows (sum dz, sum dz * (x - mean)), out_w rows (dgamma, dbeta).
+// MODE 0: out rows (mean, invstd, biased var) in double, out_w the same in W, the running statistics
+// updated; MODE 1: out rows (sum dz, sum dz * (x - mean)), out_w rows (dgamma, dbeta).
 template <typename T, int MODE>
 __device__ __forceinline__ void cbn_finish(const double *part, long long n_part, const T *x, const cbn_channels &ch,
                                            long long c, long long C, long long B, double count, double *out,
-                                           typename cbn_work<T>::type *out_w)
+                                           typename cbn_work<T>::type *out_w, const cbn_running &running)
 {
     typedef typename cbn_work<T>::type W;
     const double *pc = part + 2 * c * n_part;
@@ -391,6 +430,7 @@ __device__ __forceinline__ void cbn_finish(const double *part, long long n_part,
         out_w[c] = (W)mean;
         out_w[C + c] = (W)invstd;
         out_w[2 * C + c] = (W)var;
+        running.update(c, mean, var, count);
     } else {
         out[c] = s1;
         out[C + c] = s2;
@@ -400,7 +440,7 @@ __device__ __forceinline__ void cbn_finish(const double *part, long long n_part,
 }
 
 #define CBN_REDUCE_RESULTS                                                                                          \
-    double count, double *__restrict__ out, typename cbn_work<T>::type *__restrict__ out_w
+    double count, double *__restrict__ out, typename cbn_work<T>::type *__restrict__ out_w, CBN_RUNNING_PARAMS
 
 // Per-channel sums when a channel's values come in runs of B >= 32, in vectors of VEC values (B a
 // multiple of VEC): block k of channel c sums the channel's vectors [k * span, (k + 1) * span)
@@ -463,7 +503,7 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
     }
     __syncthreads();
     if (last)
-        cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w);
+        cbn_finish<T, MODE>(part, n_chunks, x, ch, c, C, B, count, out, out_w, CBN_RUNNING_ARGS);
 }
 
 #define CBN_SPLIT_THREADS 256  // the block of the split kernels (THREADS in _cuda_plan.py)
@@ -550,7 +590,7 @@ __global__ void cbn_finish_channels(const T *__restrict__ x, CBN_CHANNEL_PARAMS,
                                     long long n_part, const double *__restrict__ part, CBN_REDUCE_RESULTS)
 {
     const cbn_channels ch = CBN_CHANNEL_ARGS;
-    cbn_finish<T, MODE>(part, n_part, x, ch, blockIdx.x, C, B, count, out, out_w);
+    cbn_finish<T, MODE>(part, n_part, x, ch, blockIdx.x, C, B, count, out, out_w, CBN_RUNNING_ARGS);
 }
 
 // Position of value j = a * B + b of a channel, advanced by a fixed step without a division per value;
@@ -595,13 +635,14 @@ __device__ __forceinline__ void cbn_block_allsum(double &s1, double &s2)
 // Training forward of small channels, one block per channel holding its m <= blockDim.x * VALS values
 // in registers: one read of x, the statistics two-pass from the registers (the mean from deviations
 // from the pivot, then the variance from the centred values y is made of), y written; stats and out_w
-// as cbn_finish (MODE 0).  y may be x.
+// as cbn_finish (MODE 0), the running statistics updated.  y may be x.
 #define CBN_CHANNEL_THREADS 512  // the block of the one-block-per-channel kernels (CHANNEL_THREADS in _cuda_plan.py)
 
 template <typename T, int VALS>
 __global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1)
     cbn_train_channel(const T *x, T *y, CBN_CHANNEL_PARAMS, long long A, long long C, long long B, int act,
-                      double slope, double *__restrict__ stats, typename cbn_work<T>::type *__restrict__ out_w)
+                      double slope, double *__restrict__ stats, typename cbn_work<T>::type *__restrict__ out_w,
+                      CBN_RUNNING_PARAMS)
 {
     typedef typename cbn_work<T>::type W;
     const long long c = blockIdx.x, m = A * B;
@@ -640,6 +681,8 @@ __global__ void __launch_bounds__(CBN_CHANNEL_THREADS, 1)
         out_w[c] = (W)mu;
         out_w[C + c] = (W)invstd;
         out_w[2 * C + c] = (W)var;
+        const cbn_running running = CBN_RUNNING_ARGS;
+        running.update(c, mu, var, (double)m);
     }
     const W scale = (W)(ch.gamma_at(c) * invstd), shift = (W)ch.beta_at(c), w_slope = (W)slope;
     T *yc = y + c * B;
