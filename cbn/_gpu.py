@@ -56,7 +56,7 @@ class _Launcher:
         self.dtype = dtype
         self.t = plan.CUDA_TYPES[dtype]
         self.vals = plan.CHANNEL_VALUES[dtype]
-        self.vec = plan.VECTOR[dtype]
+        self.vecs = (plan.VECTOR[dtype], plan.GRADIENT_VECTOR[dtype])  # of the statistics, of the gradient
         self.work = np.dtype(np.float64 if dtype == _F64 else np.float32)
         self.kernels = _module(device_id, dtype)
 
@@ -65,7 +65,7 @@ class _Launcher:
         dtype, each of shape (rows, C); see cbn_finish in the .cu file.  ``running``: :func:`_running` (None:
         no running statistics)."""
         A, C, B = shape
-        p = plan.reduce_plan(A, C, B, self.vec)
+        p = plan.reduce_plan(A, C, B, self.vecs[mode])
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
         split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks), _aligned(x, dy), np.int32(act[0]),
@@ -105,7 +105,7 @@ class _Launcher:
         return stats, out_w
 
     def normalize(self, x, y, channels, shape, act):
-        p = plan.elementwise_plan(*shape, self.vec)
+        p = plan.elementwise_plan(*shape, self.vecs[0])
         self.kernels[f"cbn_normalize<{self.t}, {p.vec}>"](
             p.grid, p.block,
             (x, y, *channels, *_i64(*shape, p.rows), _aligned(x, y), np.int32(act[0]), np.float64(act[1])),
@@ -126,7 +126,7 @@ class _Launcher:
             )
             return sums, out_w
         sums, out_w = self._reduce(1, x, dy, channels, shape, act, 2)
-        p = plan.elementwise_plan(*shape, self.vec)
+        p = plan.elementwise_plan(*shape, self.vecs[0])
         self.kernels[f"cbn_backward_elemt<{self.t}, {p.vec}>"](
             p.grid, p.block,
             (dy, x, dx, *channels, sums, np.float64(shape[0] * shape[2]), *_i64(*shape, p.rows),

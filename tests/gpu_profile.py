@@ -34,14 +34,14 @@ def kernel_times(x, axis, dtype=F32):
     ch = _gpu._channels(stats[0], stats[1], False, 0.0, None, None, x)
     y, dy, dx = cupy.empty_like(x), cupy.ones_like(x), cupy.empty_like(x)
     times = {}
-    for label, vec in (("", k.vec), (" el", 1)):  # 16-byte vectors, and element accesses (" el")
-        k.vec = vec
+    for label, vecs in (("", k.vecs), (" el", (1, 1))):  # 16-byte vectors, and element accesses (" el")
+        k.vecs = vecs
         try:
             times["reduce0" + label] = us(lambda: k._reduce(0, x, x, none, view, (0, 0.0), 3))
             times["normalize" + label] = us(lambda: k.normalize(x, y, ch, view, (0, 0.0)))
             times["reduce1" + label] = us(lambda: k._reduce(1, x, dy, ch, view, (0, 0.0), 2))
         finally:
-            k.vec = plan.VECTOR[dtype]
+            k.vecs = (plan.VECTOR[dtype], plan.GRADIENT_VECTOR[dtype])
     # the split kernels against the one-block kernels, where a channel fits one block (SMALL_ARRAY's choice)
     saved = plan.one_block_per_channel
     for label, one_block in (("", False), (" 1blk", True)):
@@ -57,16 +57,16 @@ def kernel_times(x, axis, dtype=F32):
 
 
 rng = cupy.random.default_rng(0)
-print("device us per kernel group, float32 (copy = device-to-device copy of x; el: the kernels with element\n"
+print("device us per kernel group (copy = device-to-device copy of x; el: the kernels with element\n"
       "accesses instead of 16-byte vectors; 1blk: the one-block kernels instead of the split ones)")
 cases = [c for c in DEFAULT_CASES if np.prod(c[1]) * 4 < 100e6] + [("NCHW 64x64x14x14", (64, 64, 14, 14), 1)]
-for name, shape, axis in cases:
-    x = rng.standard_normal(shape, dtype=np.float32)
+for name, shape, axis, dtype in [(*c, np.float32) for c in cases] + [(*c, np.float64) for c in cases[:6]]:
+    x = rng.standard_normal(shape).astype(dtype)
     dst = cupy.empty_like(x)
     copy = us(lambda: dst.data.copy_from_device_async(x.data, x.nbytes))
     layout = _gpu._Layout([x], (axis % x.ndim,))
-    print(f"{name:22} view {layout.view} copy {copy:6.1f}  "
-          + "  ".join(f"{k} {v:6.1f}" for k, v in kernel_times(x, axis).items()))
+    print(f"{name:22} {np.dtype(dtype).name} copy {copy:6.1f}  "
+          + "  ".join(f"{k} {v:6.1f}" for k, v in kernel_times(x, axis, np.dtype(dtype)).items()))
 
 
 x = rng.standard_normal((64, 128), dtype=np.float32)

@@ -95,7 +95,7 @@ SHAPES = [(1, 1, 1), (2, 3, 1), (7, 5, 3), (33, 2, 31), (3, 2, 32), (5, 3, 100),
 def test_reduction_reads_every_value_once_into_its_channel(A, C, B, vec):
     p = plan.reduce_plan(A, C, B, vec)
     assert p.by_rows == (B >= plan.ROWS_MIN_RUN)
-    assert p.vec in (1, vec) and (B if p.by_rows else C * B) % p.vec == 0
+    assert p.vec == (vec if p.by_rows and B % vec == 0 else 1)
     assert math.prod(p.block) == plan.THREADS
     seen = (_rows_kernel_indices if p.by_rows else _cols_kernel_indices)(A, C, B, p)
     values = sorted(i for i, _ in seen)
@@ -146,8 +146,7 @@ def test_launch_shapes_fill_a_gpu_and_depend_on_the_shape_only(shape, dtype):
     p = plan.reduce_plan(*shape, vec)
     blocks = p.grid[0] * (p.grid[1] if len(p.grid) > 1 else 1)
     assert 250 <= blocks <= 4 * plan.REDUCE_BLOCKS
-    run = shape[2] if p.by_rows else shape[1] * shape[2]
-    assert p.vec == (vec if run % vec == 0 else 1)  # 16-byte accesses where the shape allows them
+    assert p.vec == (vec if p.by_rows and shape[2] % vec == 0 else 1)  # 16-byte accesses where a run allows them
     assert p == plan.reduce_plan(*shape, vec)
     e = plan.elementwise_plan(*shape, vec)
     assert e.grid[0] * e.grid[1] >= 250 and e.vec == vec
@@ -167,7 +166,7 @@ def test_small_arrays_take_the_one_block_kernels():
 def test_name_expressions_cover_each_dtype():
     for dtype in DTYPES:
         names = plan.name_expressions(dtype)
-        assert len(names) == len(set(names)) == 16
+        assert len(names) == len(set(names)) == (13 if dtype == np.float64 else 14)
     with pytest.raises(KeyError):
         plan.name_expressions(np.int32)
 
