@@ -33,7 +33,7 @@ TOL = {np.float16: 2e-3, np.float32: 2e-5, np.float64: 1e-11}
 CASES = [
     ((3, 4, 40), 1),  # runs of 40: 16-byte row reduction
     ((3, 2, 33), 1),  # runs of 33: element accesses
-    ((40, 8), 1),  # NC, 8 channels: 16-byte columns
+    ((40, 8), 1),  # NC, 8 channels: 16-byte columns in the elementwise passes
     ((30, 5), 1),  # NC, 5 channels: element accesses
     ((4, 3, 3, 4), -1),  # NHWC
     ((5, 3, 4, 2), 1),  # runs of 8 < 32: the column kernels with several columns per channel

@@ -26,7 +26,7 @@ CASES = [
     ((16, 2, 64, 33), 1),
     ((6, 5, 4), 0),
     ((4, 6, 5, 3), (1, 3)),
-    ((300, 64), 1),  # 16-byte accesses: columns of every dtype, ...
+    ((300, 64), 1),  # 16-byte accesses: elementwise columns of every dtype, ...
     ((6, 5, 8, 12), -1),  # ... of float32 and float64
     ((3, 8, 48), 1),  # ... runs of every dtype
 ]
