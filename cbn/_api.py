@@ -384,7 +384,7 @@ def batch_norm_backward(
 def batch_stats(x, *, channel_axis=1):
     """Per-channel mean and biased variance over all axes but the channel axes.
 
-    Accumulated in float64 from deviations (two-pass), whatever x's dtype.
+    Accumulated in float64 from deviations, whatever x's dtype.
 
     Parameters
     ----------

@@ -20,8 +20,10 @@ Two traversals, chosen from the view's shape:
 
 Every cut depends on the shape only, never on the thread count, and partial
 results are merged in a fixed order: the bits do not depend on the number of
-threads.  Sums accumulate in float64; variances are two-pass within a cached
-block and merged with Chan's formula, never E[x^2] - E[x]^2.  The loops over
+threads.  Sums accumulate in float64; variances come from deviations (from
+a channel's first value in one pass over a block, a second pass from the mean
+where that could cancel; two passes over a cached column chunk), merged with
+Chan's formula, never E[x^2] - E[x]^2.  The loops over
 contiguous runs are C (``src_c/cbn_loops_t.h``), built per instruction set.
 
 Each parallel loop is a thin ``prange`` over a ``nogil`` task function,
@@ -85,15 +87,10 @@ cdef extern from "cbn_loops.h" nogil:
     void grad_params_d "cbn_grad_params_d"(Py_ssize_t n, double count, const double *mean, const double *invstd,
                                            const double *gamma, const double *sum_dy, const double *sum_dy_xmu,
                                            double *p, Py_ssize_t ps)
-    void group_sum_f "cbn_group_sum_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
-                                       Py_ssize_t g, Py_ssize_t n, double *sums)
-    void group_sum_d "cbn_group_sum_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
-                                       Py_ssize_t g, Py_ssize_t n, double *sums)
-    void group_sq_dev_f "cbn_group_sq_dev_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
-                                             Py_ssize_t g, Py_ssize_t n, const double *mu, double *dev, double *sq)
-    void group_sq_dev_d "cbn_group_sq_dev_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s,
-                                             Py_ssize_t m, Py_ssize_t g, Py_ssize_t n, const double *mu, double *dev,
-                                             double *sq)
+    void group_stats_f "cbn_group_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
+                                           Py_ssize_t g, Py_ssize_t n, double *mean, double *m2)
+    void group_stats_d "cbn_group_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t s, Py_ssize_t m,
+                                           Py_ssize_t g, Py_ssize_t n, double *mean, double *m2)
     void group_affine_f "cbn_group_affine_f"(const float *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *y,
                                              Py_ssize_t ya, Py_ssize_t yc, Py_ssize_t sy, Py_ssize_t m, Py_ssize_t g,
                                              Py_ssize_t n, const float *p, Py_ssize_t ps, int act, float slope,
@@ -344,21 +341,14 @@ cdef inline floating *chunk_at(const View *w, const ColumnChunk *t, floating *ki
 # The group fronts take a View and a block: runs a0:a1 of channels c0:c1,
 # values b0:b1.
 
-cdef inline void group_sum(const View *x, const RowTile *t, double *sums, floating *kind) noexcept nogil:
+cdef inline void group_stats(const View *x, const RowTile *t, double *mean, double *m2, floating *kind) noexcept nogil:
+    """Per-channel mean and M2 of a block (one pass; a second from cache where the first could cancel)."""
     if floating is float:
-        group_sum_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, sums)
+        group_stats_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
+                      mean, m2)
     else:
-        group_sum_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, sums)
-
-
-cdef inline void group_sq_dev(const View *x, const RowTile *t, const double *mu, double *dev, double *sq,
-                              floating *kind) noexcept nogil:
-    if floating is float:
-        group_sq_dev_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
-                       mu, dev, sq)
-    else:
-        group_sq_dev_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
-                       mu, dev, sq)
+        group_stats_d(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0,
+                      mean, m2)
 
 
 cdef inline void group_affine(const View *x, const View *y, const RowTile *t, const floating *p, Py_ssize_t ps,
@@ -536,27 +526,11 @@ cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t 
 # ==========================================================================
 # Statistics: per-channel mean and M2 = sum((x - mean)**2)
 
-cdef void block_stats(const View *x, const RowTile *t, double count, double *mean, double *m2, double *dev,
-                      floating *kind) noexcept nogil:
-    """Two-pass mean and M2 per channel of a block (cached for the second pass).
-
-    mean, m2 and dev (scratch) hold one zeroed slot per channel c0:c1.
-    """
-    cdef Py_ssize_t c
-    group_sum(x, t, mean, kind)
-    for c in range(t.c1 - t.c0):
-        mean[c] = mean[c] / count
-    group_sq_dev(x, t, mean, dev, m2, kind)
-    for c in range(t.c1 - t.c0):  # corrected two-pass: dev = sum(x - mean) is zero but for rounding
-        m2[c] = max(m2[c] - dev[c] * dev[c] / count, 0.0)
-        mean[c] = mean[c] + dev[c] / count
-
-
 cdef void stats_row_task(const View *x, const Grid *g, Py_ssize_t k, double *part, floating *kind) noexcept nogil:
-    """Tile k's per-channel mean and M2 into its slot of the partials (3 rows of slots x C)."""
+    """Tile k's per-channel mean and M2 into its slot of the partials (2 rows of slots x C)."""
     cdef RowTile t = row_tile(g, k)
     cdef Py_ssize_t i = t.slot * g.C + t.c0, n = g.na * g.nb * g.C
-    block_stats(x, &t, slot_count(g, t.slot), &part[i], &part[n + i], &part[2 * n + i], kind)
+    group_stats(x, &t, &part[i], &part[n + i], kind)
 
 
 cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *part_mean, double *part_m2,
@@ -568,7 +542,8 @@ cdef void stats_column_task(const View *x, const Grid *g, Py_ssize_t k, double *
 
 cdef inline Py_ssize_t partials_size(const Grid *g) noexcept nogil:
     """Doubles of zeroed scratch that grid_stats and grid_grad_sums need (the last, one per slot, for counts)."""
-    return 2 * g.nr * g.C + g.nr if g.columns else 3 * g.na * g.nb * g.C + g.na * g.nb
+    cdef Py_ssize_t slots = g.nr if g.columns else g.na * g.nb
+    return 2 * slots * g.C + slots
 
 
 cdef void grid_stats(const View *x, const Grid *g, double *part, double *mean, double *m2,
@@ -704,10 +679,10 @@ cdef void train_group_task(const View *x, const View *y, const Grid *g, Py_ssize
                            floating *p, const Act *act, floating *kind) noexcept nogil:
     """Channels k*group:(k+1)*group of the fused training forward: statistics, then y from cache.
 
-    mean, var and invstd come zeroed; invstd serves as scratch until the end.
+    Writes the group's mean, var and invstd.
     """
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
-    block_stats(x, &t, <double>g.R, &mean[t.c0], &var[t.c0], &invstd[t.c0], kind)
+    group_stats(x, &t, &mean[t.c0], &var[t.c0], kind)
     finish_channels(t.c0, t.c1, g.C, <double>g.R, eps, gamma, beta, mean, var, invstd, p)
     group_affine(x, y, &t, p + t.c0, g.C, act)
 

@@ -13,6 +13,8 @@
 
 #include <math.h>
 #include <stddef.h>
+#include <stdint.h>
+#include <string.h>
 
 #include "cbn_stream.h"
 
@@ -52,6 +54,8 @@
 /* the first values of n that whole vectors of any width cover; the rest is a scalar tail */
 #define CBN_VECTOR_PART(n) ((n) - (n) % CBN_LANES)
 #define CBN_COLS 256
+/* channels whose accumulators a row-mode sum keeps at a time */
+#define CBN_CHANNELS 16
 
 
 /* Sum of acc[0:CBN_LANES] in a fixed pairwise order. */
@@ -63,6 +67,25 @@ CBN_INLINE double cbn_tree_sum(const double *acc)
     for (int j = 0; j < 4; j++)
         s4[j] = s8[j] + s8[j + 4];
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* A channel's sum over its runs (row mode): lane accumulators, and a scalar for the values after
+ * whole vectors */
+typedef struct {
+    double lane[CBN_LANES];
+    double tail;
+} cbn_acc;
+
+CBN_INLINE double cbn_acc_total(const cbn_acc *a) { return cbn_tree_sum(a->lane) + a->tail; }
+
+/* sum_dy[c] += and sum_dy_xmu[c] += the totals of accumulators acc_dy[c] and acc_dy_xmu[c], c < w */
+CBN_INLINE void cbn_add_totals(const cbn_acc *acc_dy, const cbn_acc *acc_dy_xmu, ptrdiff_t w, double *sum_dy,
+                               double *sum_dy_xmu)
+{
+    for (ptrdiff_t c = 0; c < w; c++) {
+        sum_dy[c] += cbn_acc_total(&acc_dy[c]);
+        sum_dy_xmu[c] += cbn_acc_total(&acc_dy_xmu[c]);
+    }
 }
 
 /* Per channel c of C: mean[c] and M2 m2[c] of `slots` partials, slot j holding counts[j] values of
@@ -94,8 +117,6 @@ CBN_CLONES static void cbn_merge_slots(ptrdiff_t slots, ptrdiff_t C, const doubl
 /* Activations fused into the elementwise passes (codes shared with _kernels.pyx). */
 enum { CBN_IDENTITY = 0, CBN_RELU = 1, CBN_LEAKY_RELU = 2, CBN_SIGMOID = 3, CBN_TANH = 4 };
 
-#include <stdint.h>
-#include <string.h>
 
 /* exp without a library call, so that the activation loops vectorize:
  * x = k ln2 + r (Cody-Waite), exp(r) by its Taylor polynomial, 2^k built in

@@ -14,50 +14,86 @@
 
 /* The group loops (row mode) walk g channels of m runs of n values: the run
  * of channel c in row r starts at x + r * xa + c * xc, its values are s
- * apart.  They go in memory order (r outer, c inner) and keep one result per
- * channel.  Sums over a run use CBN_LANES accumulators and a fixed tree, in
- * functions of their own (inlined into the nested loops, GCC no longer
- * vectorizes them). */
+ * apart.  They go in memory order (r outer, c inner), CBN_CHANNELS channels at
+ * a time.  Sums keep per channel CBN_LANES lane accumulators and a scalar
+ * (cbn_acc) across the channel's runs, summed by a fixed tree once at its end
+ * (a tree per run costs as much as a run of 196 values); a run is added by a
+ * function of its own (inlined into the nested loops, GCC no longer
+ * vectorizes it). */
 
-CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_sum1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s)
+/* dev += x - k and sq += (x - k)**2 over one run, in double */
+CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RESTRICT x, ptrdiff_t n, ptrdiff_t s,
+                                                            double k, cbn_acc *CBN_RESTRICT dev,
+                                                            cbn_acc *CBN_RESTRICT sq)
 {
-    double acc[CBN_LANES] = {0};
-    ptrdiff_t i = 0;
-    if (s == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++)
-                acc[j] += x[i + j];
-    double tail = 0;  /* a plain scalar: indexing acc here would keep it out of registers */
-    for (; i < n; i++)
-        tail += x[i * s];
-    return cbn_tree_sum(acc) + tail;
-}
-
-CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_sq_dev1)(const CBN_T *x, ptrdiff_t n, ptrdiff_t s, double mu, double *dev)
-{
-    double acc_dev[CBN_LANES] = {0}, acc_sq[CBN_LANES] = {0};
+    double acc_dev[CBN_LANES], acc_sq[CBN_LANES];
+    double tail_dev = 0, tail_sq = 0;  /* plain scalars: indexing the lanes here would keep them out of registers */
+    memcpy(acc_dev, dev->lane, sizeof acc_dev);
+    memcpy(acc_sq, sq->lane, sizeof acc_sq);
     ptrdiff_t i = 0;
     if (s == 1)
         for (; i + CBN_LANES <= n; i += CBN_LANES)
             for (int j = 0; j < CBN_LANES; j++) {
-                double d = x[i + j] - mu;
+                double d = x[i + j] - k;
                 acc_dev[j] += d;
                 acc_sq[j] += d * d;
             }
-    double tail_dev = 0, tail_sq = 0;
     for (; i < n; i++) {
-        double d = x[i * s] - mu;
+        double d = x[i * s] - k;
         tail_dev += d;
         tail_sq += d * d;
     }
-    *dev += cbn_tree_sum(acc_dev) + tail_dev;
-    return cbn_tree_sum(acc_sq) + tail_sq;
+    memcpy(dev->lane, acc_dev, sizeof acc_dev);
+    memcpy(sq->lane, acc_sq, sizeof acc_sq);
+    dev->tail += tail_dev;
+    sq->tail += tail_sq;
 }
 
-CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, ptrdiff_t sd, const CBN_T *x, ptrdiff_t sx, ptrdiff_t n,
-                                            double mu, double *sum_dy)
+/* Per channel c: mean[c] and M2 m2[c] = sum((x - mean)**2), in one pass over the data: the sums of
+ * the deviations d from k, the channel's first value, give mean = k + sum(d) / count and M2 =
+ * sum(d**2) - sum(d)**2 / count, all in double.  The subtraction cancels when k lies far from the
+ * mean; a channel where it could cost more than 4 bits (sum(d)**2 / count > 16 M2, or NaN) takes a
+ * second pass from the mean found (the corrected two-pass), from cache. */
+CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
+                                               ptrdiff_t g, ptrdiff_t n, double *mean, double *m2)
 {
-    double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
+    const double count = (double)m * (double)n;
+    for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
+        const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
+        const CBN_T *xg = x + c0 * xc;
+        cbn_acc dev[CBN_CHANNELS], sq[CBN_CHANNELS];
+        memset(dev, 0, sizeof dev);
+        memset(sq, 0, sizeof sq);
+        for (ptrdiff_t r = 0; r < m; r++)
+            for (ptrdiff_t c = 0; c < w; c++)
+                CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, xg[c * xc], &dev[c], &sq[c]);
+        for (ptrdiff_t c = 0; c < w; c++) {
+            double k = xg[c * xc], d = cbn_acc_total(&dev[c]), q = cbn_acc_total(&sq[c]);
+            if (!(d * d / count <= 16 * (q - d * d / count))) {
+                k += d / count;
+                memset(&dev[c], 0, sizeof dev[c]);
+                memset(&sq[c], 0, sizeof sq[c]);
+                for (ptrdiff_t r = 0; r < m; r++)
+                    CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, k, &dev[c], &sq[c]);
+                d = cbn_acc_total(&dev[c]);
+                q = cbn_acc_total(&sq[c]);
+            }
+            double q_centred = q - d * d / count;
+            mean[c0 + c] = k + d / count;
+            m2[c0 + c] = q_centred > 0 ? q_centred : 0.0;
+        }
+    }
+}
+
+/* sum_dy += dy and sum_dy_xmu += dy * (x - mu) over one run, in double */
+CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd,
+                                                         const CBN_T *CBN_RESTRICT x, ptrdiff_t sx, ptrdiff_t n,
+                                                         double mu, cbn_acc *CBN_RESTRICT sum_dy,
+                                                         cbn_acc *CBN_RESTRICT sum_dy_xmu)
+{
+    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = 0, tail_dy_xmu = 0;
+    memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
+    memcpy(acc_dy_xmu, sum_dy_xmu->lane, sizeof acc_dy_xmu);
     ptrdiff_t i = 0;
     if (sd == 1 && sx == 1)
         for (; i + CBN_LANES <= n; i += CBN_LANES)
@@ -66,24 +102,30 @@ CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_grad_sums1)(const CBN_T *dy, pt
                 acc_dy[j] += g;
                 acc_dy_xmu[j] += g * (x[i + j] - mu);
             }
-    double tail_dy = 0, tail_dy_xmu = 0;
     for (; i < n; i++) {
         double g = dy[i * sd];
         tail_dy += g;
         tail_dy_xmu += g * (x[i * sx] - mu);
     }
-    *sum_dy += cbn_tree_sum(acc_dy) + tail_dy;
-    return cbn_tree_sum(acc_dy_xmu) + tail_dy_xmu;
+    memcpy(sum_dy->lane, acc_dy, sizeof acc_dy);
+    memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
+    sum_dy->tail += tail_dy;
+    sum_dy_xmu->tail += tail_dy_xmu;
 }
 
-/* cbn_grad_sums1 of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = ((x - mu_hi)
- * - mu_lo) * scale + shift, for contiguous runs, storing dz on the way: one loop and one read of dy
- * and x instead of two.  The same lanes and order as cbn_grad_sums1 on dz: the same bits. */
-CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_relu_grad_sums1)(const CBN_T *dy, const CBN_T *x, CBN_T *dz,
-                                                                  ptrdiff_t n, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
-                                                                  CBN_T shift, CBN_T low, double mu, double *sum_dy)
+/* cbn_grad_run of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = ((x - mu_hi) -
+ * mu_lo) * scale + shift, for contiguous runs, storing dz on the way: one loop and one read of dy
+ * and x instead of two.  The same lanes and order as cbn_grad_run on dz: the same bits. */
+CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *CBN_RESTRICT dy,
+                                                              const CBN_T *CBN_RESTRICT x, CBN_T *CBN_RESTRICT dz,
+                                                              ptrdiff_t n, CBN_T mu_hi, CBN_T mu_lo, CBN_T scale,
+                                                              CBN_T shift, CBN_T low, double mu,
+                                                              cbn_acc *CBN_RESTRICT sum_dy,
+                                                              cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
-    double acc_dy[CBN_LANES] = {0}, acc_dy_xmu[CBN_LANES] = {0};
+    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = 0, tail_dy_xmu = 0;
+    memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
+    memcpy(acc_dy_xmu, sum_dy_xmu->lane, sizeof acc_dy_xmu);
     ptrdiff_t i = 0;
     for (; i + CBN_LANES <= n; i += CBN_LANES)
         for (int j = 0; j < CBN_LANES; j++) {
@@ -94,7 +136,6 @@ CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_relu_grad_sums1)(const CBN_T *d
             acc_dy_xmu[j] += g * (v - mu);
         }
     const CBN_T slope_of[2] = {low, (CBN_T)1};  /* the tail's slope by table, not by a branch */
-    double tail_dy = 0, tail_dy_xmu = 0;
     for (; i < n; i++) {
         CBN_T v = x[i];
         CBN_T g = dy[i] * slope_of[((v - mu_hi) - mu_lo) * scale + shift > 0];
@@ -102,26 +143,10 @@ CBN_CLONES CBN_SLP_ONLY static double CBN_FN(cbn_relu_grad_sums1)(const CBN_T *d
         tail_dy += g;
         tail_dy_xmu += g * (v - mu);
     }
-    *sum_dy += cbn_tree_sum(acc_dy) + tail_dy;
-    return cbn_tree_sum(acc_dy_xmu) + tail_dy_xmu;
-}
-
-/* sums[c] += sum of channel c's values, in double */
-CBN_CLONES static void CBN_FN(cbn_group_sum)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
-                                             ptrdiff_t g, ptrdiff_t n, double *sums)
-{
-    for (ptrdiff_t r = 0; r < m; r++)
-        for (ptrdiff_t c = 0; c < g; c++)
-            sums[c] += CBN_FN(cbn_sum1)(x + r * xa + c * xc, n, s);
-}
-
-/* sq[c] += sum((x - mu[c])**2) and dev[c] += sum(x - mu[c]), in double */
-CBN_CLONES static void CBN_FN(cbn_group_sq_dev)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
-                                                ptrdiff_t g, ptrdiff_t n, const double *mu, double *dev, double *sq)
-{
-    for (ptrdiff_t r = 0; r < m; r++)
-        for (ptrdiff_t c = 0; c < g; c++)
-            sq[c] += CBN_FN(cbn_sq_dev1)(x + r * xa + c * xc, n, s, mu[c], &dev[c]);
+    memcpy(sum_dy->lane, acc_dy, sizeof acc_dy);
+    memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
+    sum_dy->tail += tail_dy;
+    sum_dy_xmu->tail += tail_dy_xmu;
 }
 
 /* Per-channel work, one loop each that vectorizes (a small call spends much of its time here):
@@ -226,10 +251,17 @@ CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da
                                                    ptrdiff_t m, ptrdiff_t g, ptrdiff_t n, const double *mu,
                                                    double *sum_dy, double *sum_dy_xmu)
 {
-    for (ptrdiff_t r = 0; r < m; r++)
-        for (ptrdiff_t c = 0; c < g; c++)
-            sum_dy_xmu[c] += CBN_FN(cbn_grad_sums1)(dy + r * da + c * dc, sd, x + r * xa + c * xc, sx, n, mu[c],
-                                                    &sum_dy[c]);
+    for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
+        const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
+        cbn_acc acc_dy[CBN_CHANNELS], acc_dy_xmu[CBN_CHANNELS];
+        memset(acc_dy, 0, sizeof acc_dy);
+        memset(acc_dy_xmu, 0, sizeof acc_dy_xmu);
+        for (ptrdiff_t r = 0; r < m; r++)
+            for (ptrdiff_t c = c0; c < c0 + w; c++)
+                CBN_FN(cbn_grad_run)(dy + r * da + c * dc, sd, x + r * xa + c * xc, sx, n, mu[c], &acc_dy[c - c0],
+                                     &acc_dy_xmu[c - c0]);
+        cbn_add_totals(acc_dy, acc_dy_xmu, w, sum_dy + c0, sum_dy_xmu + c0);
+    }
 }
 
 /* Through an activation: each run's dz = dy * act'(z) (z recomputed from x; p as for
@@ -241,23 +273,32 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
                                                        ptrdiff_t ps, int act, CBN_T slope, const double *mu,
                                                        double *sum_dy, double *sum_dy_xmu)
 {
-    for (ptrdiff_t r = 0; r < m; r++)
-        for (ptrdiff_t c = 0; c < g; c++) {
-            const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
-            CBN_T *v = dz + r * oa + c * oc;
-            CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-            if (sd == 1 && sx == 1 && so == 1 && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
-                sum_dy_xmu[c] += CBN_FN(cbn_relu_grad_sums1)(q, u, v, n, mu_hi, mu_lo, scale, shift,
-                                                             act == CBN_RELU ? (CBN_T)0 : slope, mu[c], &sum_dy[c]);
-                continue;
+    const int contiguous = sd == 1 && sx == 1 && so == 1;
+    for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
+        const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
+        cbn_acc acc_dy[CBN_CHANNELS], acc_dy_xmu[CBN_CHANNELS];
+        memset(acc_dy, 0, sizeof acc_dy);
+        memset(acc_dy_xmu, 0, sizeof acc_dy_xmu);
+        for (ptrdiff_t r = 0; r < m; r++)
+            for (ptrdiff_t c = c0; c < c0 + w; c++) {
+                const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
+                CBN_T *v = dz + r * oa + c * oc;
+                CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
+                cbn_acc *a_dy = &acc_dy[c - c0], *a_dy_xmu = &acc_dy_xmu[c - c0];
+                if (contiguous && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
+                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, mu_hi, mu_lo, scale, shift,
+                                              act == CBN_RELU ? (CBN_T)0 : slope, mu[c], a_dy, a_dy_xmu);
+                    continue;
+                }
+                if (contiguous)
+                    CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], ((u[i] - mu_hi) - mu_lo) * scale + shift, v[i]);
+                else
+                    CBN_ACT_GRAD_LOOPS(n, act, slope, q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift,
+                                       v[i * so]);
+                CBN_FN(cbn_grad_run)(v, so, u, sx, n, mu[c], a_dy, a_dy_xmu);
             }
-            if (sd == 1 && sx == 1 && so == 1)
-                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], ((u[i] - mu_hi) - mu_lo) * scale + shift, v[i]);
-            else
-                CBN_ACT_GRAD_LOOPS(n, act, slope, q[i * sd], ((u[i * sx] - mu_hi) - mu_lo) * scale + shift,
-                                   v[i * so]);
-            sum_dy_xmu[c] += CBN_FN(cbn_grad_sums1)(v, so, u, sx, n, mu[c], &sum_dy[c]);
-        }
+        cbn_add_totals(acc_dy, acc_dy_xmu, w, sum_dy + c0, sum_dy_xmu + c0);
+    }
 }
 
 /* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
