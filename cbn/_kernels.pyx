@@ -21,9 +21,9 @@ Two traversals, chosen from the view's shape:
 Every cut depends on the shape only, never on the thread count, and partial
 results are merged in a fixed order: the bits do not depend on the number of
 threads.  Sums accumulate in float64; variances come from deviations (from
-a channel's first value in one pass over a block, a second pass from the mean
-where that could cancel; two passes over a cached column chunk), merged with
-Chan's formula, never E[x^2] - E[x]^2.  The loops over
+a channel's first value in one pass over a block or column chunk, a second
+pass from the mean, from cache, where that could cancel), merged with Chan's
+formula, never E[x^2] - E[x]^2.  The loops over
 contiguous runs are C (``src_c/cbn_loops_t.h``), built per instruction set.
 
 Each parallel loop is a thin ``prange`` over a ``nogil`` task function,

@@ -69,6 +69,23 @@ CBN_INLINE double cbn_tree_sum(const double *acc)
     return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
+/* Statistics in one pass: the sums d = sum(x - k) and q = sum((x - k)**2) of count values give
+ * mean = k + d / count and M2 = q - d**2 / count.  The subtraction cancels when k lies far from
+ * the mean (by at most a factor count when k is one of the values); the shift holds when that
+ * costs at most 4 bits, d**2 / count <= 16 M2 (NaN: it does not). */
+CBN_INLINE int cbn_shift_holds(double count, double d, double q)
+{
+    double c2 = d * d / count;
+    return c2 <= 16 * (q - c2);
+}
+
+CBN_INLINE void cbn_centre(double count, double k, double d, double q, double *mean, double *m2)
+{
+    double q_centred = q - d * d / count;
+    *mean = k + d / count;
+    *m2 = q_centred > 0 ? q_centred : 0.0;
+}
+
 /* A channel's sum over its runs (row mode): lane accumulators, and a scalar for the values after
  * whole vectors */
 typedef struct {

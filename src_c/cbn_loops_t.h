@@ -50,10 +50,9 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RES
 }
 
 /* Per channel c: mean[c] and M2 m2[c] = sum((x - mean)**2), in one pass over the data: the sums of
- * the deviations d from k, the channel's first value, give mean = k + sum(d) / count and M2 =
- * sum(d**2) - sum(d)**2 / count, all in double.  The subtraction cancels when k lies far from the
- * mean; a channel where it could cost more than 4 bits (sum(d)**2 / count > 16 M2, or NaN) takes a
- * second pass from the mean found (the corrected two-pass), from cache. */
+ * the deviations from k, the channel's first value (cbn_centre), all in double; a channel where
+ * they could cancel (cbn_shift_holds) takes a second pass from the mean found (the corrected
+ * two-pass), from cache. */
 CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t s, ptrdiff_t m,
                                                ptrdiff_t g, ptrdiff_t n, double *mean, double *m2)
 {
@@ -69,7 +68,7 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
                 CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, xg[c * xc], &dev[c], &sq[c]);
         for (ptrdiff_t c = 0; c < w; c++) {
             double k = xg[c * xc], d = cbn_acc_total(&dev[c]), q = cbn_acc_total(&sq[c]);
-            if (!(d * d / count <= 16 * (q - d * d / count))) {
+            if (!cbn_shift_holds(count, d, q)) {
                 k += d / count;
                 memset(&dev[c], 0, sizeof dev[c]);
                 memset(&sq[c], 0, sizeof sq[c]);
@@ -78,9 +77,7 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
                 d = cbn_acc_total(&dev[c]);
                 q = cbn_acc_total(&sq[c]);
             }
-            double q_centred = q - d * d / count;
-            mean[c0 + c] = k + d / count;
-            m2[c0 + c] = q_centred > 0 ? q_centred : 0.0;
+            cbn_centre(count, k, d, q, &mean[c0 + c], &m2[c0 + c]);
         }
     }
 }
@@ -345,46 +342,49 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
  * channel i of a row is at i * sx.  Rows are read in memory order; the
  * per-channel accumulators (CBN_COLS channels at a time) stay in L1. */
 
-/* Per channel: mean and M2 = sum((x - mean)**2) of the m rows, two-pass (the
- * rows are small enough to stay in cache), written to mean[i] and m2[i]. */
+/* Per channel: mean and M2 = sum((x - mean)**2) of the m rows, written to mean[i] and m2[i]: as
+ * cbn_group_stats, one pass of deviations from the first row, and a second from the mean for the
+ * channels where that could cancel (the rows are small enough to stay in cache). */
 CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
                                               double *mean, double *m2)
 {
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         const CBN_T *xc = x + c0 * sx;
-        ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
-        double mu[CBN_COLS] = {0}, dev[CBN_COLS] = {0}, sq[CBN_COLS] = {0};
+        const ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
+        double k[CBN_COLS], dev[CBN_COLS] = {0}, sq[CBN_COLS] = {0};
+        ptrdiff_t again[CBN_COLS], n_again = 0;
+        for (ptrdiff_t i = 0; i < w; i++)
+            k[i] = xc[i * sx];
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *row = xc + r * xa;
-            if (sx == 1)
-                for (ptrdiff_t i = 0; i < w; i++)
-                    mu[i] += row[i];
+            if (sx == 1)  /* a unit stride as a constant: the loop vectorizes */
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double d = row[i] - k[i];
+                    dev[i] += d;
+                    sq[i] += d * d;
+                }
             else
-                for (ptrdiff_t i = 0; i < w; i++)
-                    mu[i] += row[i * sx];
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double d = row[i * sx] - k[i];
+                    dev[i] += d;
+                    sq[i] += d * d;
+                }
         }
         for (ptrdiff_t i = 0; i < w; i++)
-            mu[i] /= m;
-        for (ptrdiff_t r = 0; r < m; r++) {
-            const CBN_T *row = xc + r * xa;
-            if (sx == 1)
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double d = row[i] - mu[i];
-                    dev[i] += d;
-                    sq[i] += d * d;
-                }
-            else
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double d = row[i * sx] - mu[i];
-                    dev[i] += d;
-                    sq[i] += d * d;
-                }
-        }
-        for (ptrdiff_t i = 0; i < w; i++) {  /* corrected two-pass */
-            double q = sq[i] - dev[i] * dev[i] / m;
-            mean[c0 + i] = mu[i] + dev[i] / m;
-            m2[c0 + i] = q > 0 ? q : 0.0;
-        }
+            if (!cbn_shift_holds((double)m, dev[i], sq[i])) {
+                k[i] += dev[i] / m;
+                dev[i] = sq[i] = 0;
+                again[n_again++] = i;
+            }
+        for (ptrdiff_t r = 0; n_again && r < m; r++)
+            for (ptrdiff_t j = 0; j < n_again; j++) {
+                const ptrdiff_t i = again[j];
+                double d = xc[r * xa + i * sx] - k[i];
+                dev[i] += d;
+                sq[i] += d * d;
+            }
+        for (ptrdiff_t i = 0; i < w; i++)
+            cbn_centre((double)m, k[i], dev[i], sq[i], &mean[c0 + i], &m2[c0 + i]);
     }
 }
 

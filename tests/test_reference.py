@@ -168,9 +168,10 @@ def test_large_offset_variance_is_accurate(offset, axis):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(8, 3, 100), (64, 3, 4096)], ids=["one tile", "tiles"])
-def test_an_outlier_first_in_its_channel_keeps_the_variance_exact(shape, dtype):
-    """The row layouts sum deviations from each channel's first value in one pass, which cancels when
-    that value lies far from the mean; such a channel takes a second pass from its mean, and the
+@pytest.mark.parametrize("axis", [1, -1], ids=["NCW", "NWC"])
+def test_an_outlier_first_in_its_channel_keeps_the_variance_exact(axis, shape, dtype):
+    """Statistics sum deviations from each channel's first value in one pass, which cancels when that
+    value lies far from the mean; such a channel takes a second pass from its mean, and the
     statistics of float32 and float64 data alike keep float64's digits."""
     x = np.random.default_rng(3).standard_normal(shape).astype(dtype)
     x[0, 0, 0] = 1e4  # the first value of channel 0 (and of its first tile): 1e4 sigma away
@@ -178,11 +179,14 @@ def test_an_outlier_first_in_its_channel_keeps_the_variance_exact(shape, dtype):
     x[0, 1, 0] = 0.0  # channel 1 the other way round: the outlier below a large offset
     exact = x.astype(np.float64)
     want_mean, want_var = exact.mean(axis=(0, 2)), exact.var(axis=(0, 2))
-    _, mean, invstd = cbn.batch_norm_forward(x, out=(None, np.empty(3), np.empty(3)))  # float64 statistics
+    if axis == -1:  # the same values, channels last (column mode): channel c's first value is x[0, 0, c]
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    kw = dict(channel_axis=axis)
+    _, mean, invstd = cbn.batch_norm_forward(x, out=(None, np.empty(3), np.empty(3)), **kw)  # float64 statistics
     assert np.all(np.abs(mean - want_mean) <= 1e-14 * (np.abs(want_mean) + np.sqrt(want_var)))
     np.testing.assert_allclose(invstd, 1 / np.sqrt(want_var + 1e-5), rtol=1e-13)
     if dtype == np.float64:
-        np.testing.assert_allclose(cbn.batch_stats(x)[1], want_var, rtol=1e-13)
+        np.testing.assert_allclose(cbn.batch_stats(x, **kw)[1], want_var, rtol=1e-13)
 
 
 @pytest.mark.parametrize("axis", [1, -1], ids=["NCHW", "NHWC"])
