@@ -517,10 +517,17 @@ cdef inline RowTile whole_channels(const Grid *g, Py_ssize_t c0, Py_ssize_t c1) 
 
 
 cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t itemsize) noexcept nogil:
-    """Channels per fused task, or 0 when a channel's blocks do not fit in L2 (or column mode)."""
+    """Channels per fused task, or 0 when a channel's blocks do not fit in L2 (or column mode).
+
+    An array worth threads gets a task per thread at least.  A channel's results do not depend on
+    its group (each is summed over whole channels), so the cut may follow the thread count."""
+    cdef Py_ssize_t group, threads = omp_get_max_threads()
     if g.columns or arrays * g.R * itemsize > FUSE_BYTES:
         return 0
-    return clamp(FUSE_BYTES // (arrays * g.R * itemsize), g.C)
+    group = FUSE_BYTES // (arrays * g.R * itemsize)
+    if not forked_child and (arrays + 1) * g.R * g.C * itemsize >= SERIAL_BYTES:
+        group = min(group, (g.C + threads - 1) // threads)
+    return clamp(group, g.C)
 
 
 # ==========================================================================
