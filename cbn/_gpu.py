@@ -70,7 +70,7 @@ class _Launcher:
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
         split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks), _aligned(x, dy), np.int32(act[0]),
                  np.float64(act[1]), part)
-        results = (np.float64(A * B), out, out_w, *(running or _running(None, None, 0.0, x)))
+        results = (np.float64(A * B), out, out_w, *_running_args(running, x))
         if p.by_rows:
             self.kernels[f"cbn_reduce_rows<{self.t}, {mode}, {p.vec}>"](
                 p.grid, p.block, (x, dy, *split, _counters(C), *results))
@@ -100,7 +100,7 @@ class _Launcher:
         self.kernels[f"cbn_train_channel<{self.t}, {self.vals}>"](
             (C,), (plan.CHANNEL_THREADS,),
             (x, y, *_channels(None, None, False, eps, gamma, beta, x), *_i64(A, C, B), np.int32(act[0]),
-             np.float64(act[1]), stats, out_w, *(running or _running(None, None, 0.0, x))),
+             np.float64(act[1]), stats, out_w, *_running_args(running, x)),
         )
         return stats, out_w
 
@@ -172,6 +172,11 @@ def _channel(values, placeholder):
 def _running(running_mean, running_var, momentum, placeholder):
     """The kernels' running-statistics arguments (CBN_RUNNING_PARAMS); None: no update."""
     return (*_channel(running_mean, placeholder), *_channel(running_var, placeholder), np.float64(momentum))
+
+
+def _running_args(running, placeholder):
+    """``running`` (:func:`_running`), or the arguments of no running statistics to update."""
+    return running or _running(None, None, 0.0, placeholder)
 
 
 def _updatable_in_place(running, others):
