@@ -52,7 +52,12 @@ cdef extern from "cbn_openmp.h":
 # A channel block up to this size (all arrays it reads) stays in L2 between
 # the statistics pass and the normalize/gradient pass.
 cdef Py_ssize_t FUSE_BYTES = 1 << 20
-# Tiles and chunks of this size stay in L2 for their second pass.
+# A block of some of the channels is read in pieces, one per row; shorter ones
+# (per array) than this defeat the hardware prefetchers of a larger array, and
+# two passes in memory order are faster.
+cdef Py_ssize_t MIN_PIECE_BYTES = 6 << 10
+# Tiles and chunks of this size stay in L2 for a second pass of statistics
+# whose one-pass shift could cancel.
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 # Below this much data a parallel region costs more than it saves.
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
@@ -517,7 +522,8 @@ cdef inline RowTile whole_channels(const Grid *g, Py_ssize_t c0, Py_ssize_t c1) 
 
 
 cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t itemsize) noexcept nogil:
-    """Channels per fused task, or 0 when a channel's blocks do not fit in L2 (or column mode).
+    """Channels per fused task, or 0 for two passes: when a channel's blocks do not fit in L2, when an
+    array larger than that would be read in short pieces (MIN_PIECE_BYTES), or in column mode.
 
     An array worth threads gets a task per thread at least.  A channel's results do not depend on
     its group (each is summed over whole channels), so the cut may follow the thread count."""
@@ -525,6 +531,8 @@ cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t 
     if g.columns or arrays * g.R * itemsize > FUSE_BYTES:
         return 0
     group = FUSE_BYTES // (arrays * g.R * itemsize)
+    if group < g.C and g.B * group * itemsize < MIN_PIECE_BYTES and g.R * g.C * itemsize > FUSE_BYTES:
+        return 0
     if not forked_child and (arrays + 1) * g.R * g.C * itemsize >= SERIAL_BYTES:
         group = min(group, (g.C + threads - 1) // threads)
     return clamp(group, g.C)
