@@ -52,10 +52,10 @@ cdef extern from "cbn_openmp.h":
 # A channel block up to this size (all arrays it reads) stays in L2 between
 # the statistics pass and the normalize/gradient pass.
 cdef Py_ssize_t FUSE_BYTES = 1 << 20
-# A block of some of the channels is read in pieces, one per row; shorter ones
-# (per array) than this defeat the hardware prefetchers of a larger array, and
-# two passes in memory order are faster.
-cdef Py_ssize_t MIN_PIECE_BYTES = 6 << 10
+# A block of some of the channels is read in pieces, one per row (of each array
+# it reads); pieces shorter than this (all arrays together) defeat the hardware
+# prefetchers of a larger array, and two passes in memory order are faster.
+cdef Py_ssize_t MIN_PIECE_BYTES = 8 << 10
 # Tiles and chunks of this size stay in L2 for a second pass of statistics
 # whose one-pass shift could cancel.
 cdef Py_ssize_t CHUNK_BYTES = 1 << 18
@@ -531,7 +531,7 @@ cdef inline Py_ssize_t fused_group(const Grid *g, Py_ssize_t arrays, Py_ssize_t 
     if g.columns or arrays * g.R * itemsize > FUSE_BYTES:
         return 0
     group = FUSE_BYTES // (arrays * g.R * itemsize)
-    if group < g.C and g.B * group * itemsize < MIN_PIECE_BYTES and g.R * g.C * itemsize > FUSE_BYTES:
+    if group < g.C and arrays * g.B * group * itemsize < MIN_PIECE_BYTES and g.R * g.C * itemsize > FUSE_BYTES:
         return 0
     if not forked_child and (arrays + 1) * g.R * g.C * itemsize >= SERIAL_BYTES:
         group = min(group, (g.C + threads - 1) // threads)
