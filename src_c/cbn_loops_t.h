@@ -242,27 +242,10 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
         }
 }
 
-/* sum_dy_xmu[c] += sum(dy * (x - mu[c])) and sum_dy[c] += sum(dy), in double */
-CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
-                                                   const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
-                                                   ptrdiff_t m, ptrdiff_t g, ptrdiff_t n, const double *mu,
-                                                   double *sum_dy, double *sum_dy_xmu)
-{
-    for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
-        const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
-        cbn_acc acc_dy[CBN_CHANNELS], acc_dy_xmu[CBN_CHANNELS];
-        memset(acc_dy, 0, sizeof acc_dy);
-        memset(acc_dy_xmu, 0, sizeof acc_dy_xmu);
-        for (ptrdiff_t r = 0; r < m; r++)
-            for (ptrdiff_t c = c0; c < c0 + w; c++)
-                CBN_FN(cbn_grad_run)(dy + r * da + c * dc, sd, x + r * xa + c * xc, sx, n, mu[c], &acc_dy[c - c0],
-                                     &acc_dy_xmu[c - c0]);
-        cbn_add_totals(acc_dy, acc_dy_xmu, w, sum_dy + c0, sum_dy_xmu + c0);
-    }
-}
-
-/* Through an activation: each run's dz = dy * act'(z) (z recomputed from x; p as for
- * cbn_group_affine) goes to dz, then its sums as cbn_group_grad_sums, from L1. */
+/* sum_dy_xmu[c] += sum(dz * (x - mu[c])) and sum_dy[c] += sum(dz), in double, where dz = dy * act'(z)
+ * (z recomputed from x; p as for cbn_group_affine) goes to dz run by run and is summed from L1
+ * (ReLU's and leaky ReLU's in the same loop, cbn_relu_grad_run); act CBN_IDENTITY: dz is dy itself,
+ * and dz and p are not used. */
 CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                                        const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
                                                        CBN_T *dz, ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so,
@@ -279,9 +262,13 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
         for (ptrdiff_t r = 0; r < m; r++)
             for (ptrdiff_t c = c0; c < c0 + w; c++) {
                 const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
+                cbn_acc *a_dy = &acc_dy[c - c0], *a_dy_xmu = &acc_dy_xmu[c - c0];
+                if (act == CBN_IDENTITY) {
+                    CBN_FN(cbn_grad_run)(q, sd, u, sx, n, mu[c], a_dy, a_dy_xmu);
+                    continue;
+                }
                 CBN_T *v = dz + r * oa + c * oc;
                 CBN_T mu_hi = p[c], mu_lo = p[ps + c], scale = p[2 * ps + c], shift = p[3 * ps + c];
-                cbn_acc *a_dy = &acc_dy[c - c0], *a_dy_xmu = &acc_dy_xmu[c - c0];
                 if (contiguous && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
                     CBN_FN(cbn_relu_grad_run)(q, u, v, n, mu_hi, mu_lo, scale, shift,
                                               act == CBN_RELU ? (CBN_T)0 : slope, mu[c], a_dy, a_dy_xmu);
@@ -296,6 +283,16 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
             }
         cbn_add_totals(acc_dy, acc_dy_xmu, w, sum_dy + c0, sum_dy_xmu + c0);
     }
+}
+
+/* sum_dy_xmu[c] += sum(dy * (x - mu[c])) and sum_dy[c] += sum(dy), in double */
+CBN_CLONES static void CBN_FN(cbn_group_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
+                                                   const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
+                                                   ptrdiff_t m, ptrdiff_t g, ptrdiff_t n, const double *mu,
+                                                   double *sum_dy, double *sum_dy_xmu)
+{
+    CBN_FN(cbn_group_act_grad_sums)(dy, da, dc, sd, x, xa, xc, sx, NULL, 0, 0, 1, m, g, n, NULL, 0, CBN_IDENTITY, 0,
+                                    mu, sum_dy, sum_dy_xmu);
 }
 
 /* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy: differences first, so a gradient
