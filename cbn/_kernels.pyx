@@ -18,9 +18,10 @@ Two traversals, chosen from the view's shape:
   channels, cut into chunks of rows whose per-channel partial results are
   merged afterwards.
 
-Every cut depends on the shape only, never on the thread count, and partial
-results are merged in a fixed order: the bits do not depend on the number of
-threads.  Sums accumulate in float64; variances come from deviations (from
+Every cut that a result depends on follows the shape only, never the thread
+count (fused groups of whole channels may follow it: a channel's results do
+not depend on its group), and partial results are merged in a fixed order:
+the bits do not depend on the number of threads.  Sums accumulate in float64; variances come from deviations (from
 a channel's first value in one pass over a block or column chunk, a second
 pass from the mean, from cache, where that could cancel), merged with Chan's
 formula, never E[x^2] - E[x]^2.  The loops over contiguous runs are C
@@ -735,7 +736,6 @@ cdef int train_views(const View *xv, const View *yv, const Grid *g, const double
     cdef floating *p
     cdef double *part
     cdef int nt
-    memset(stats, 0, 3 * C * sizeof(double))
     p = <floating *>scratch(4 * C, sizeof(floating), False)
     try:
         if group:

@@ -167,14 +167,16 @@ def test_large_offset_variance_is_accurate(offset, axis):
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("shape", [(8, 3, 100), (64, 3, 4096)], ids=["one tile", "tiles"])
+# (64, 3, 4096): a fused group per channel in float32, tiles merged with Chan's formula in float64 and in
+# batch_stats, chunks of rows in column mode
+@pytest.mark.parametrize("shape", [(8, 3, 100), (64, 3, 4096)], ids=["small", "large"])
 @pytest.mark.parametrize("axis", [1, -1], ids=["NCW", "NWC"])
 def test_an_outlier_first_in_its_channel_keeps_the_variance_exact(axis, shape, dtype):
     """Statistics sum deviations from each channel's first value in one pass, which cancels when that
     value lies far from the mean; such a channel takes a second pass from its mean, and the
     statistics of float32 and float64 data alike keep float64's digits."""
     x = np.random.default_rng(3).standard_normal(shape).astype(dtype)
-    x[0, 0, 0] = 1e4  # the first value of channel 0 (and of its first tile): 1e4 sigma away
+    x[0, 0, 0] = 1e4  # the first value of channel 0 (and of its first block): 1e4 sigma away
     x[:, 1] += 1e4
     x[0, 1, 0] = 0.0  # channel 1 the other way round: the outlier below a large offset
     exact = x.astype(np.float64)
