@@ -544,9 +544,16 @@ CBN_INLINE void CBN_FN(cbn_cols_relu_grad_span)(CBN_T *w, const CBN_T *q, const 
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
     const CBN_T *scale = p + 5 * ps, *shift = p + 6 * ps;
-    for (ptrdiff_t i = 0; i < k; i++) {
+    const CBN_T slope_of[2] = {low, (CBN_T)1};
+    ptrdiff_t i = 0;
+    for (; i < CBN_VECTOR_PART(k); i++) {
         CBN_T xm = (u[i] - mu_hi[i]) - mu_lo[i];
         CBN_T d = q[i] * CBN_RELU_SLOPE(xm * scale[i] + shift[i], low);
+        w[i] = ((d - dy_mean[i]) - xm * c_xmu[i]) * k_dy[i];
+    }
+    for (; i < k; i++) {  /* the slope from a table: a branch on the sign of z would mispredict */
+        CBN_T xm = (u[i] - mu_hi[i]) - mu_lo[i];
+        CBN_T d = q[i] * slope_of[xm * scale[i] + shift[i] > 0];
         w[i] = ((d - dy_mean[i]) - xm * c_xmu[i]) * k_dy[i];
     }
 }
