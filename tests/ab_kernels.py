@@ -34,13 +34,13 @@ import cbn._kernels as new
 CASES = "32x64x3136,64x256x196,4096x1024x1,100352x64x1,8x32x16384,32x256x3136,64x128x1,16x32x64"
 
 
-def load_old(build_dir):
+def load_old(build_dir, package_name="old_cbn"):
     """The _kernels module of another build, under a package name of its own."""
     path = glob.glob(f"{build_dir}/cbn/_kernels*.so")[0]
-    package = types.ModuleType("old_cbn")
+    package = types.ModuleType(package_name)
     package.__path__ = []
-    sys.modules["old_cbn"] = package
-    spec = importlib.util.spec_from_file_location("old_cbn._kernels", path)
+    sys.modules[package_name] = package
+    spec = importlib.util.spec_from_file_location(f"{package_name}._kernels", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
