@@ -21,11 +21,12 @@ Two traversals, chosen from the view's shape:
 Every cut that a result depends on follows the shape only, never the thread
 count (fused groups of whole channels may follow it: a channel's results do
 not depend on its group), and partial results are merged in a fixed order:
-the bits do not depend on the number of threads.  Sums accumulate in float64; variances come from deviations (from
-a channel's first value in one pass over a block or column chunk, a second
-pass from the mean, from cache, where that could cancel), merged with Chan's
-formula, never E[x^2] - E[x]^2.  The loops over contiguous runs are C
-(``src_c/cbn_loops_t.h``), built per instruction set.
+the bits do not depend on the number of threads.  Sums accumulate in
+float64; variances come from deviations (from a channel's first value in one
+pass over a block or column chunk, a second pass from the mean, from cache,
+where that could cancel), merged with Chan's formula, never E[x^2] - E[x]^2.
+The loops over contiguous runs are C (``src_c/cbn_loops_t.h``), built per
+instruction set.
 
 Each parallel loop is a thin ``prange`` over a ``nogil`` task function,
 with a plain loop instead when one thread will do (small arrays).
