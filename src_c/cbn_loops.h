@@ -294,6 +294,48 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
         }                                                                                           \
     } while (0)
 
+/* Rows of at most this many values that follow each other in memory are computed a chunk at a time
+ * (CBN_FLAT_CHUNKS) rather than a row at a time. */
+#define CBN_NARROW_ROW 256
+
+/* dst[0:len] = src[0:n] repeated (dst[j] = src[j % n]), values of `size` bytes */
+static inline void cbn_repeat(void *dst, const void *src, ptrdiff_t n, ptrdiff_t len, size_t size)
+{
+    char *d = (char *)dst;
+    ptrdiff_t have = n < len ? n : len;
+    memcpy(d, src, (size_t)have * size);
+    for (; have < len; have *= 2)  /* doubling: a few long copies rather than many short ones */
+        memcpy(d + have * size, d, (size_t)(len - have < have ? len - have : have) * size);
+}
+
+/* Narrow rows that follow each other in the output and in every input (m rows of n <= CBN_NARROW_ROW
+ * values, n apart), with np rows of per-channel parameters (p, rows ps apart): the statements after
+ * `pp` compute the k values of the run of m * n from index f, whose channels start at i0 = f % n,
+ * into w, reading the parameters from pp + i0 (rows CBN_FLAT_LEN apart).  pp holds p's rows repeated
+ * (pp[j] = p[j % n]), so that a chunk spans rows in one loop: a loop per short row costs more in
+ * setup than its values do.  The same values, so the same bits, as row by row.  stream: chunks end
+ * on line boundaries of the output and go through a buffer in L1 as in CBN_STREAM_ROWS (the caller
+ * ends with cbn_stream_fence()); else w is the output itself. */
+#define CBN_FLAT_LEN (CBN_STREAM_BYTES / (ptrdiff_t)sizeof(CBN_T) + CBN_NARROW_ROW)
+#define CBN_FLAT_CHUNKS(OUT, m, n, p, ps, np, stream, pp, ...)                                     \
+    do {                                                                                            \
+        CBN_T pp[(np) * CBN_FLAT_LEN], buf_[CBN_STREAM_BYTES / sizeof(CBN_T)];                      \
+        const ptrdiff_t run_ = (m) * (n), most_ = CBN_STREAM_BYTES / (ptrdiff_t)sizeof(CBN_T);      \
+        const int stream_ = (stream) && run_ * (ptrdiff_t)sizeof(CBN_T) >= CBN_STREAM_MIN_RUN;      \
+        for (int q_ = 0; q_ < (np); q_++)  /* a chunk reads at most n - 1 + most_ of each row */   \
+            cbn_repeat(pp + q_ * CBN_FLAT_LEN, (p) + q_ * (ps), (n),                                \
+                       run_ < most_ + (n) ? run_ : most_ + (n), sizeof(CBN_T));                     \
+        for (ptrdiff_t f = 0, k; f < run_; f += k) {                                                \
+            k = stream_ ? cbn_stream_chunk((OUT) + f, run_ - f, sizeof(CBN_T))                      \
+                        : (run_ - f < most_ ? run_ - f : most_);                                    \
+            const ptrdiff_t i0 = f % (n);                                                           \
+            CBN_T *w = stream_ ? buf_ : (OUT) + f;                                                  \
+            __VA_ARGS__;                                                                            \
+            if (stream_)                                                                            \
+                cbn_stream_copy((OUT) + f, buf_, (size_t)k * sizeof(CBN_T));                        \
+        }                                                                                           \
+    } while (0)
+
 #define CBN_CAT_(a, b) a##b
 #define CBN_CAT(a, b) CBN_CAT_(a, b)
 

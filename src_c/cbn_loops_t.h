@@ -456,11 +456,12 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
     }
 }
 
-/* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift), a parameter per value */
-CBN_INLINE void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
-                                                const CBN_T *mu_lo, const CBN_T *scale, const CBN_T *shift, int act,
-                                                CBN_T slope)
+/* w[0:k] = act(((u - mu_hi) - mu_lo) * scale + shift), a parameter per value: p holds 4 rows
+ * (mu_hi, mu_lo, scale, shift), ps apart */
+CBN_INLINE void CBN_FN(cbn_cols_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, const CBN_T *p, ptrdiff_t ps,
+                                                int act, CBN_T slope)
 {
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
     CBN_ACTIVATE_LOOPS(k, act, slope, w[i], ((u[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
 }
 
@@ -471,16 +472,20 @@ CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptr
                                                int act, CBN_T slope, int stream)
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *scale = p + 2 * ps, *shift = p + 3 * ps;
+    if (sx == 1 && sy == 1 && xa == n && ya == n && n <= CBN_NARROW_ROW) {
+        CBN_FLAT_CHUNKS(y, m, n, p, ps, 4, stream, pp,
+                        CBN_FN(cbn_cols_affine_span)(w, x + f, k, pp + i0, CBN_FLAT_LEN, act, slope));
+        cbn_stream_fence();
+        return;
+    }
     if (stream && sx == 1 && sy == 1) {
-        CBN_STREAM_ROWS(y, ya, m, n, r,
-                        CBN_FN(cbn_cols_affine_span)(w, x + r * xa + i0, k, mu_hi + i0, mu_lo + i0, scale + i0,
-                                                     shift + i0, act, slope));
+        CBN_STREAM_ROWS(y, ya, m, n, r, CBN_FN(cbn_cols_affine_span)(w, x + r * xa + i0, k, p + i0, ps, act, slope));
         cbn_stream_fence();
         return;
     }
     for (ptrdiff_t r = 0; r < m; r++, x += xa, y += ya) {
         if (sx == 1 && sy == 1) {
-            CBN_FN(cbn_cols_affine_span)(y, x, n, mu_hi, mu_lo, scale, shift, act, slope);
+            CBN_FN(cbn_cols_affine_span)(y, x, n, p, ps, act, slope);
             continue;
         }
         CBN_ACTIVATE_LOOPS(n, act, slope, y[i * sy], ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i]);
@@ -503,11 +508,12 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad)(const CBN_T *dy, ptrdiff_t da, 
     }
 }
 
-/* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy, a parameter per value */
-CBN_INLINE void CBN_FN(cbn_cols_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *mu_hi,
-                                              const CBN_T *mu_lo, const CBN_T *dy_mean, const CBN_T *c_xmu,
-                                              const CBN_T *k_dy)
+/* w[0:k] = ((q - dy_mean) - ((u - mu_hi) - mu_lo) * c_xmu) * k_dy, a parameter per value: p holds 5 rows
+ * (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), ps apart */
+CBN_INLINE void CBN_FN(cbn_cols_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *p,
+                                              ptrdiff_t ps)
 {
+    const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
     for (ptrdiff_t i = 0; i < k; i++)
         w[i] = ((q[i] - dy_mean[i]) - ((u[i] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
 }
@@ -520,16 +526,21 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrd
 {
     const CBN_T *mu_hi = p, *mu_lo = p + ps, *dy_mean = p + 2 * ps, *c_xmu = p + 3 * ps, *k_dy = p + 4 * ps;
     const int contiguous = sd == 1 && sx == 1 && so == 1;
+    if (contiguous && da == n && xa == n && oa == n && n <= CBN_NARROW_ROW) {
+        CBN_FLAT_CHUNKS(dx, m, n, p, ps, 5, stream, pp,
+                        CBN_FN(cbn_cols_grad_span)(w, dy + f, x + f, k, pp + i0, CBN_FLAT_LEN));
+        cbn_stream_fence();
+        return;
+    }
     if (stream && contiguous) {
         CBN_STREAM_ROWS(dx, oa, m, n, r,
-                        CBN_FN(cbn_cols_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, mu_hi + i0, mu_lo + i0,
-                                                   dy_mean + i0, c_xmu + i0, k_dy + i0));
+                        CBN_FN(cbn_cols_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, p + i0, ps));
         cbn_stream_fence();
         return;
     }
     for (ptrdiff_t r = 0; r < m; r++, dy += da, x += xa, dx += oa) {
         if (contiguous)
-            CBN_FN(cbn_cols_grad_span)(dx, dy, x, n, mu_hi, mu_lo, dy_mean, c_xmu, k_dy);
+            CBN_FN(cbn_cols_grad_span)(dx, dy, x, n, p, ps);
         else
             for (ptrdiff_t i = 0; i < n; i++)
                 dx[i * so] = ((dy[i * sd] - dy_mean[i]) - ((x[i * sx] - mu_hi[i]) - mu_lo[i]) * c_xmu[i]) * k_dy[i];
@@ -563,6 +574,12 @@ CBN_CLONES static void CBN_FN(cbn_cols_relu_grad)(const CBN_T *dy, ptrdiff_t da,
                                                   CBN_T *dx, ptrdiff_t oa, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
                                                   ptrdiff_t ps, CBN_T low, int stream)
 {
+    if (da == n && xa == n && oa == n && n <= CBN_NARROW_ROW) {
+        CBN_FLAT_CHUNKS(dx, m, n, p, ps, 7, stream, pp,
+                        CBN_FN(cbn_cols_relu_grad_span)(w, dy + f, x + f, k, pp + i0, CBN_FLAT_LEN, low));
+        cbn_stream_fence();
+        return;
+    }
     if (stream) {
         CBN_STREAM_ROWS(dx, oa, m, n, r,
                         CBN_FN(cbn_cols_relu_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, p + i0, ps, low));
