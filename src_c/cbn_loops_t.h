@@ -348,10 +348,12 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         const CBN_T *xc = x + c0 * sx;
         const ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
-        double k[CBN_COLS], dev[CBN_COLS] = {0}, sq[CBN_COLS] = {0};
+        double k[CBN_COLS], dev[CBN_COLS], sq[CBN_COLS];
         ptrdiff_t again[CBN_COLS], n_again = 0;
-        for (ptrdiff_t i = 0; i < w; i++)
+        for (ptrdiff_t i = 0; i < w; i++) {
             k[i] = xc[i * sx];
+            dev[i] = sq[i] = 0;
+        }
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *row = xc + r * xa;
             if (sx == 1)  /* a unit stride as a constant: the loop vectorizes */
@@ -402,7 +404,9 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
 {
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
-        double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
+        double acc_dy[CBN_COLS], acc_dy_xmu[CBN_COLS];
+        for (ptrdiff_t i = 0; i < w; i++)
+            acc_dy[i] = acc_dy_xmu[i] = 0;
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             if (sd == 1 && sx == 1)  /* unit strides as constants: the loop vectorizes */
@@ -429,7 +433,9 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
         const CBN_T *mu_hi = p + c0, *mu_lo = p + ps + c0, *scale = p + 2 * ps + c0, *shift = p + 3 * ps + c0;
-        double acc_dy[CBN_COLS] = {0}, acc_dy_xmu[CBN_COLS] = {0};
+        double acc_dy[CBN_COLS], acc_dy_xmu[CBN_COLS];
+        for (ptrdiff_t i = 0; i < w; i++)
+            acc_dy[i] = acc_dy_xmu[i] = 0;
         for (ptrdiff_t r = 0; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             CBN_T *o = dz ? dz + r * oa + c0 * so : NULL;
