@@ -284,7 +284,7 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
                 continue;                                                                           \
             }                                                                                       \
             for (ptrdiff_t f0_ = 0, len_; f0_ < run_; f0_ += len_) {                                \
-                len_ = cbn_stream_chunk(out_ + f0_, run_ - f0_, sizeof(CBN_T));                     \
+                len_ = cbn_stream_chunk(out_ + f0_, run_ - f0_, sizeof(CBN_T), CBN_STREAM_BYTES);   \
                 for (ptrdiff_t f_ = f0_, k; f_ < f0_ + len_; f_ += k) {                             \
                     const ptrdiff_t row = flat_ ? f_ / (n) : r0_, i0 = flat_ ? f_ - row * (n) : f_; \
                     k = (n) - i0 < f0_ + len_ - f_ ? (n) - i0 : f0_ + len_ - f_;                    \
@@ -315,20 +315,22 @@ static inline void cbn_repeat(void *dst, const void *src, ptrdiff_t n, ptrdiff_t
  * `pp` compute the k values of the run of m * n from index f, whose channels start at i0 = f % n,
  * into w, reading the parameters from pp + i0 (rows CBN_FLAT_LEN apart).  pp holds p's rows repeated
  * (pp[j] = p[j % n]), so that a chunk spans rows in one loop: a loop per short row costs more in
- * setup than its values do.  The same values, so the same bits, as row by row.  stream: chunks end
- * on line boundaries of the output and go through a buffer in L1 as in CBN_STREAM_ROWS (the caller
- * ends with cbn_stream_fence()); else w is the output itself. */
-#define CBN_FLAT_LEN (CBN_STREAM_BYTES / (ptrdiff_t)sizeof(CBN_T) + CBN_NARROW_ROW)
+ * setup than its values do.  The same values, so the same bits, as row by row.  Chunks of
+ * CBN_FLAT_BYTES: 4096 took 1.1-1.3x as long (its pp crowds L1), 256 1.0-1.2x.  stream: chunks
+ * end on line boundaries of the output and go through a buffer in L1 as in CBN_STREAM_ROWS (the
+ * caller ends with cbn_stream_fence()); else w is the output itself. */
+#define CBN_FLAT_BYTES 512
+#define CBN_FLAT_LEN (CBN_FLAT_BYTES / (ptrdiff_t)sizeof(CBN_T) + CBN_NARROW_ROW)
 #define CBN_FLAT_CHUNKS(OUT, m, n, p, ps, np, stream, pp, ...)                                     \
     do {                                                                                            \
-        CBN_T pp[(np) * CBN_FLAT_LEN], buf_[CBN_STREAM_BYTES / sizeof(CBN_T)];                      \
-        const ptrdiff_t run_ = (m) * (n), most_ = CBN_STREAM_BYTES / (ptrdiff_t)sizeof(CBN_T);      \
+        CBN_T pp[(np) * CBN_FLAT_LEN], buf_[CBN_FLAT_BYTES / sizeof(CBN_T)];                        \
+        const ptrdiff_t run_ = (m) * (n), most_ = CBN_FLAT_BYTES / (ptrdiff_t)sizeof(CBN_T);        \
         const int stream_ = (stream) && run_ * (ptrdiff_t)sizeof(CBN_T) >= CBN_STREAM_MIN_RUN;      \
         for (int q_ = 0; q_ < (np); q_++)  /* a chunk reads at most n - 1 + most_ of each row */   \
             cbn_repeat(pp + q_ * CBN_FLAT_LEN, (p) + q_ * (ps), (n),                                \
                        run_ < most_ + (n) ? run_ : most_ + (n), sizeof(CBN_T));                     \
         for (ptrdiff_t f = 0, k; f < run_; f += k) {                                                \
-            k = stream_ ? cbn_stream_chunk((OUT) + f, run_ - f, sizeof(CBN_T))                      \
+            k = stream_ ? cbn_stream_chunk((OUT) + f, run_ - f, sizeof(CBN_T), CBN_FLAT_BYTES)      \
                         : (run_ - f < most_ ? run_ - f : most_);                                    \
             const ptrdiff_t i0 = f % (n);                                                           \
             CBN_T *w = stream_ ? buf_ : (OUT) + f;                                                  \

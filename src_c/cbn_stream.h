@@ -79,11 +79,12 @@ static inline void cbn_stream_copy(void *dst, const void *src, size_t n)
 #endif
 }
 
-/* Values of type size t in the chunk of a run that starts at p: up to the buffer's size, ending on a
- * line boundary of the destination (so that only the run's first and last lines are partial). */
-static inline ptrdiff_t cbn_stream_chunk(const void *p, ptrdiff_t left, size_t t)
+/* Values of type size t in the chunk of a run that starts at p: up to `bytes` (at most the buffer's
+ * size), ending on a line boundary of the destination (so that only the run's first and last lines
+ * are partial). */
+static inline ptrdiff_t cbn_stream_chunk(const void *p, ptrdiff_t left, size_t t, size_t bytes)
 {
-    ptrdiff_t k = (ptrdiff_t)((CBN_STREAM_BYTES - ((uintptr_t)p & 63)) / t);
+    ptrdiff_t k = (ptrdiff_t)((bytes - ((uintptr_t)p & 63)) / t);
     return k < left ? k : left;
 }
 
