@@ -316,9 +316,10 @@ static inline void cbn_repeat(void *dst, const void *src, ptrdiff_t n, ptrdiff_t
  * into w, reading the parameters from pp + i0 (rows CBN_FLAT_LEN apart).  pp holds p's rows repeated
  * (pp[j] = p[j % n]), so that a chunk spans rows in one loop: a loop per short row costs more in
  * setup than its values do.  The same values, so the same bits, as row by row.  Chunks of
- * CBN_FLAT_BYTES: 4096 took 1.1-1.3x as long (its pp crowds L1), 256 1.0-1.2x.  stream: chunks
- * end on line boundaries of the output and go through a buffer in L1 as in CBN_STREAM_ROWS (the
- * caller ends with cbn_stream_fence()); else w is the output itself. */
+ * CBN_FLAT_BYTES: with 1024 the loops took 1.04-1.12x as long, with 4096 longer still (pp crowds
+ * L1), with 256 1.0-1.2x.  stream: chunks end on line boundaries of the output and go through a
+ * buffer in L1 as in CBN_STREAM_ROWS (the caller ends with cbn_stream_fence()); else w is the
+ * output itself. */
 #define CBN_FLAT_BYTES 512
 #define CBN_FLAT_LEN (CBN_FLAT_BYTES / (ptrdiff_t)sizeof(CBN_T) + CBN_NARROW_ROW)
 #define CBN_FLAT_CHUNKS(OUT, m, n, p, ps, np, stream, pp, ...)                                     \
