@@ -322,6 +322,7 @@ THREAD_CASES = [
     ((40000, 5, 7), 1),  # row mode, short runs, tiles of several channels
     ((3001, 70), 1),  # column mode (NC)
     ((2100, 300), 1),  # column mode, tiles of whole rows
+    ((2100, 1100), 1),  # column mode, tiles of whole rows wider than the column sums' blocks (CBN_COLS)
     ((5, 300, 70, 3), 2),  # row mode, runs of 3 values
 ]
 
