@@ -264,7 +264,8 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
  * non-temporal stores; the same bits as storing them directly.  Rows that follow each other in memory
  * (oa == n) are one run of m * n values, cut into chunks that end on line boundaries of the output and
  * may span rows, so that only the run's first and last lines are partial (a partial line is stored
- * plainly, and costs a read of memory); other rows are cut chunk by chunk, each row its own run.
+ * plainly, and costs a read of memory); other rows are cut chunk by chunk, each row its own run.  The
+ * column loops take narrow rows through CBN_FLAT_CHUNKS instead.
  * Runs too short to fill a few whole lines are written directly.  The calling function ends with one
  * cbn_stream_fence() after its last CBN_STREAM_ROWS (a fence per row costs). */
 #define CBN_STREAM_ROWS(OUT, oa, m, n, row, ...)                                                    \

@@ -16,6 +16,10 @@ NHWC); the installed cbn is "new".  Ratios below 1 mean the new build is faster.
 ACTIVATION (relu, leaky_relu, sigmoid, tanh) fuses that activation into the
 training forward and the backward (inference is timed without it).
 
+``--new NEW_BUILD`` (anywhere in the arguments) times another build as "new"
+in place of the installed one: two variants of a constant, say, each built
+with ``pip install --target`` from a copy of the tree.
+
 ``python tests/ab_kernels.py --stream [dtype] [cases]`` instead compares the
 installed build with itself: plain stores ("old") against non-temporal stores
 forced at every size ("new"), which shows where streaming starts to pay
@@ -81,24 +85,30 @@ def compare(variants, shape, dtype, act=0, repeat=9):
 
 
 def main(argv):
+    argv = list(argv)
+    newer = new
+    if "--new" in argv:
+        at = argv.index("--new")
+        newer = load_old(argv[at + 1], "new_cbn")
+        del argv[at:at + 2]
     if argv[1] == "--stream":
-        setting = new.stream_bytes()
-        variants = [(new, lambda: new.stream_bytes(-1)), (new, lambda: new.stream_bytes(0))]
-        print(f"{new.__file__}: plain stores -> non-temporal stores")
+        setting = newer.stream_bytes()
+        variants = [(newer, lambda: newer.stream_bytes(-1)), (newer, lambda: newer.stream_bytes(0))]
+        print(f"{newer.__file__}: plain stores -> non-temporal stores")
     else:
         old = load_old(argv[1])
-        variants = [(old, lambda: None), (new, lambda: None)]
-        print(f"old {old.__file__}\nnew {new.__file__}")
+        variants = [(old, lambda: None), (newer, lambda: None)]
+        print(f"old {old.__file__}\nnew {newer.__file__}")
     dtype = np.dtype(argv[2] if len(argv) > 2 else "float32")
     shapes = [tuple(int(n) for n in case.split("x")) for case in (argv[3] if len(argv) > 3 else CASES).split(",")]
     activation = argv[4] if len(argv) > 4 else "none"
-    print(f"threads {new.max_threads()}, {dtype.name}, activation {activation}, us per call")
+    print(f"threads {newer.max_threads()}, {dtype.name}, activation {activation}, us per call")
     for shape in shapes:
         result = compare(variants, shape, dtype, ACTIVATIONS[activation])
         cells = "  ".join(f"{op} {t0 * 1e6:.1f} -> {t1 * 1e6:.1f} ({t1 / t0:.2f})" for op, (t0, t1) in result.items())
         print(f"{'x'.join(map(str, shape))} ({np.prod(shape) * dtype.itemsize / 2**20:.2f} MiB): {cells}", flush=True)
     if argv[1] == "--stream":
-        new.stream_bytes(setting)
+        newer.stream_bytes(setting)
 
 
 if __name__ == "__main__":
