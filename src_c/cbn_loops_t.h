@@ -354,7 +354,22 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
             k[i] = xc[i * sx];
             dev[i] = sq[i] = 0;
         }
-        for (ptrdiff_t r = 0; r < m; r++) {
+        ptrdiff_t r = 0;
+        if (sx == 1 && cbn_page_rows(xa, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
+                const CBN_T *row = xc + r * xa;
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double a = dev[i], s = sq[i];
+                    for (int q = 0; q < CBN_ROWS; q++) {
+                        double d = row[q * xa + i] - k[i];
+                        a += d;
+                        s += d * d;
+                    }
+                    dev[i] = a;
+                    sq[i] = s;
+                }
+            }
+        for (; r < m; r++) {
             const CBN_T *row = xc + r * xa;
             if (sx == 1)  /* a unit stride as a constant: the loop vectorizes */
                 for (ptrdiff_t i = 0; i < w; i++) {
@@ -407,7 +422,21 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
         double acc_dy[CBN_COLS], acc_dy_xmu[CBN_COLS];
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
-        for (ptrdiff_t r = 0; r < m; r++) {
+        ptrdiff_t r = 0;
+        if (sd == 1 && sx == 1 && cbn_page_rows(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
+                const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double a = acc_dy[i], b = acc_dy_xmu[i];
+                    for (int q = 0; q < CBN_ROWS; q++) {
+                        a += g[q * da + i];
+                        b += g[q * da + i] * (v[q * xa + i] - mu[c0 + i]);
+                    }
+                    acc_dy[i] = a;
+                    acc_dy_xmu[i] = b;
+                }
+            }
+        for (; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             if (sd == 1 && sx == 1)  /* unit strides as constants: the loop vectorizes */
                 CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, g, 1, v, 1, mu + c0, w);
@@ -433,14 +462,30 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
         const CBN_T *mu_hi = p + c0, *mu_lo = p + ps + c0, *scale = p + 2 * ps + c0, *shift = p + 3 * ps + c0;
+        const CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* ReLU's and leaky ReLU's slope below 0 */
         double acc_dy[CBN_COLS], acc_dy_xmu[CBN_COLS];
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
-        for (ptrdiff_t r = 0; r < m; r++) {
+        ptrdiff_t r = 0;
+        if (dz == NULL && cbn_page_rows(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
+                const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
+                for (ptrdiff_t i = 0; i < w; i++) {
+                    double a = acc_dy[i], b = acc_dy_xmu[i];
+                    for (int q = 0; q < CBN_ROWS; q++) {
+                        const CBN_T u = v[q * xa + i], z = ((u - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i];
+                        CBN_T d = g[q * da + i] * CBN_RELU_SLOPE(z, low);
+                        a += d;
+                        b += d * (u - mu[c0 + i]);
+                    }
+                    acc_dy[i] = a;
+                    acc_dy_xmu[i] = b;
+                }
+            }
+        for (; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             CBN_T *o = dz ? dz + r * oa + c0 * so : NULL;
             if (dz == NULL) {
-                CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;
                 for (ptrdiff_t i = 0; i < w; i++) {
                     CBN_T d = g[i] * CBN_RELU_SLOPE(((v[i] - mu_hi[i]) - mu_lo[i]) * scale[i] + shift[i], low);
                     acc_dy[i] += d;

@@ -27,6 +27,7 @@ import cbn._kernels as installed
 SHAPES = [  # (A, C, B): B > 1 row mode, B == 1 column mode
     (5, 3, 7), (16, 32, 64), (977, 16, 64), (8, 3, 50001), (64, 21, 49),  # fused, short pieces, two-pass
     (4096, 100, 1), (333, 37, 1), (7, 5, 1), (3001, 70, 1),  # columns, with tails
+    (515, 1030, 1),  # columns 4 KiB apart and more, summed CBN_ROWS rows at a time, 3 rows over
 ]
 
 

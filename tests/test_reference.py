@@ -322,7 +322,9 @@ THREAD_CASES = [
     ((40000, 5, 7), 1),  # row mode, short runs, tiles of several channels
     ((3001, 70), 1),  # column mode (NC)
     ((2100, 300), 1),  # column mode, tiles of whole rows
-    ((2100, 1100), 1),  # column mode, tiles of whole rows wider than the column sums' blocks (CBN_COLS)
+    # column mode, tiles of whole rows wider than the column sums' blocks (CBN_COLS), 4 KiB apart or more:
+    # the sums take CBN_ROWS rows at a time, and the last tile's 55 rows leave 3 over
+    ((2103, 1100), 1),
     ((5, 300, 70, 3), 2),  # row mode, runs of 3 values
 ]
 
