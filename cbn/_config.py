@@ -79,7 +79,9 @@ def show_config(mode="stdout"):
     elif config["stream_bytes"] < 0:
         stream = "off"
     else:
-        stream = f"non-temporal stores for outputs of {config['stream_bytes'] / 2**20:g} MiB and more"
+        size = config["stream_bytes"]
+        at = f"{size / 2**20:g} MiB and more" if size % 2**20 == 0 else f"more than {size / 2**20:.0f} MiB"
+        stream = f"non-temporal stores for outputs of {at}"
     print(f"  streaming:       {stream}")
     print(f"  NumPy:           {config['numpy']}")
     print(f"  Python:          {config['python']} ({config['platform']})")

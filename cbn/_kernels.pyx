@@ -33,6 +33,8 @@ with a plain loop instead when one thread will do (small arrays).
 """
 import os
 
+from cbn._machine import cpu_vendor, l3_bytes, stream_threshold
+
 cimport numpy as cnp
 from cpython.float cimport PyFloat_CheckExact
 from cpython.long cimport PyLong_CheckExact
@@ -65,8 +67,9 @@ cdef Py_ssize_t CHUNK_BYTES = 1 << 18
 cdef Py_ssize_t SERIAL_BYTES = 1 << 18
 # Outputs of at least this size are written with non-temporal stores, which
 # skip the read of each line a plain store makes: larger than the caches, they
-# would not be read back from there anyway (-1: never).
-cdef Py_ssize_t STREAM_BYTES = 1 << 22
+# would not be read back from there anyway (-1: never).  The size follows the
+# CPU (cbn._machine.stream_threshold).
+cdef Py_ssize_t STREAM_BYTES = stream_threshold(cpu_vendor(), l3_bytes())
 # Tiles cover at least this many values per channel, so that their partial
 # results (one per channel and tile) stay small next to the data.
 cdef Py_ssize_t MIN_TILE_VALUES = 256

@@ -15,6 +15,7 @@ import cbn._api
 import cbn._config
 import cbn._layer
 from cbn import _kernels
+from cbn._machine import cpu_vendor, l3_bytes, stream_threshold
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,8 +39,9 @@ def test_show_config_reports_what_the_issue_asks(capsys):
     assert config["threads"] >= 1
     assert isinstance(config["openmp"], bool)
     assert config["gpu"].startswith(("unavailable", "CuPy"))
-    # the README's "4 MiB and up" where the build streams, None where it cannot
-    assert config["stream_bytes"] == (4 << 20 if _kernels.has_stream_stores() else None)
+    # the README's threshold for this CPU where the build streams, None where it cannot
+    want = stream_threshold(cpu_vendor(), l3_bytes())
+    assert config["stream_bytes"] == (want if _kernels.has_stream_stores() else None)
     cbn.show_config()
     printed = capsys.readouterr().out
     for word in ("cbn", "OpenMP", "default threads", "streaming", "NumPy", "GPU path"):

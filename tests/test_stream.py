@@ -16,6 +16,7 @@ from helpers import assert_close, make_layout, random_array
 
 import cbn
 from cbn import _kernels, reference
+from cbn._machine import cpu_vendor, l3_bytes, parse_size, stream_threshold
 
 # (shape, channel axis): row mode with runs of 784 B and of 8 KB (chunks
 # across and within runs), column mode with short rows and rows longer than
@@ -104,17 +105,30 @@ def test_streamed_outputs_in_other_layouts_and_threads(layout, threads):
 
 
 def test_default_threshold_streams_a_large_array_correctly():
-    """An 8 MB array is above the default threshold: checked against the reference."""
-    assert _kernels.stream_bytes() <= 8 << 20
+    """An 8 MB array above the threshold (Intel's default) streams: checked against the reference."""
     rng = np.random.default_rng(2)
     x = random_array(rng, (8, 16, 128, 128), np.float32, offset=50.0)
     dy = random_array(rng, x.shape, np.float32)
-    y, mean, invstd = cbn.batch_norm_forward(x)
+    with streaming(stream_threshold("GenuineIntel", None)):
+        assert _kernels.stream_bytes() <= x.nbytes
+        y, mean, invstd = cbn.batch_norm_forward(x)
+        dx, _, _ = cbn.batch_norm_backward(dy, x, mean, invstd)
     y_ref, _, _ = reference.batch_norm_forward(x)
     assert_close(y, y_ref, np.float32, scale=4.0)
-    dx, _, _ = cbn.batch_norm_backward(dy, x, mean, invstd)
     dx_ref, _, _ = reference.batch_norm_backward(dy, x, mean, invstd)
     assert_close(dx, dx_ref, np.float32, scale=float(np.max(np.abs(dx_ref))))
+
+
+def test_stream_threshold_follows_the_cpu():
+    """4 MiB, or on AMD CPUs above half the L3 (whose plain stores stay fast until the arrays outgrow it)."""
+    assert stream_threshold("GenuineIntel", 320 << 20) == 4 << 20
+    assert stream_threshold("", None) == 4 << 20
+    assert stream_threshold("AuthenticAMD", 32 << 20) == (16 << 20) + 1
+    assert stream_threshold("AuthenticAMD", 4 << 20) == 4 << 20
+    assert stream_threshold("AuthenticAMD", None) == 4 << 20
+    assert parse_size("32768K\n") == 32 << 20 and parse_size("2M") == 2 << 20 and parse_size("512") == 512
+    assert cpu_vendor() == "" or cpu_vendor().isalnum()
+    assert l3_bytes() is None or l3_bytes() > 0
 
 
 def test_stream_bytes_setting():
