@@ -91,6 +91,8 @@ cdef extern from "cbn_loops.h" nogil:
     void norm_params_d "cbn_norm_params_d"(Py_ssize_t n, double count, double eps, const double *mean, double *var,
                                            double *invstd, const double *gamma, const double *beta, double *p,
                                            Py_ssize_t ps)
+    void affine_params_f "cbn_affine_params_f"(double mean, double scale, double shift, float *p, Py_ssize_t ps)
+    void affine_params_d "cbn_affine_params_d"(double mean, double scale, double shift, double *p, Py_ssize_t ps)
     void grad_params_f "cbn_grad_params_f"(Py_ssize_t n, double count, const double *mean, const double *invstd,
                                            const double *gamma, const double *sum_dy, const double *sum_dy_xmu,
                                            float *p, Py_ssize_t ps)
@@ -363,7 +365,7 @@ cdef inline void group_stats(const View *x, const RowTile *t, double *mean, doub
 
 cdef inline void group_affine(const View *x, const View *y, const RowTile *t, const floating *p, Py_ssize_t ps,
                               const Act *act) noexcept nogil:
-    """p points at channel c0's (mu_hi, mu_lo, scale, shift), rows ps apart."""
+    """p points at channel c0's (mu_hi, scale, shift), rows ps apart (cbn_affine_params)."""
     cdef floating *kind = NULL
     if floating is float:
         group_affine_f(at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc, x.sb, at(y, t.a0, t.c0, t.b0, kind), y.sa, y.sc,
@@ -614,7 +616,7 @@ def channel_stats(const floating[:, :, :] x,   # IN  (A, C, B)
 
 cdef void affine_task(const View *x, const View *y, const Grid *g, Py_ssize_t k, const floating *p,
                       const Act *act) noexcept nogil:
-    """Task k of y = act((x - mean) * scale + shift); p holds 4 rows of C parameters."""
+    """Task k of y = act((x - mean) * scale + shift); p holds 3 rows of C parameters (set_affine)."""
     cdef RowTile t
     cdef ColumnChunk h
     if g.columns:
@@ -638,10 +640,11 @@ cdef void grid_affine(const View *x, const View *y, const Grid *g, const floatin
 
 cdef inline void set_affine(floating *p, Py_ssize_t C, Py_ssize_t c, double mean, double scale,
                             double shift) noexcept nogil:
-    """Channel c's normalize parameters in p (rows: mu_hi, mu_lo, scale, shift)."""
-    split_mean(mean, &p[c], &p[C + c])
-    p[2 * C + c] = <floating>scale
-    p[3 * C + c] = <floating>shift
+    """Channel c's normalize parameters in p (rows: mu_hi, scale, shift less the rest of the mean)."""
+    if floating is float:
+        affine_params_f(mean, scale, shift, p + c, C)
+    else:
+        affine_params_d(mean, scale, shift, p + c, C)
 
 
 def inference(const floating[:, :, :] x,     # IN  (A, C, B)
@@ -671,7 +674,7 @@ cdef int inference_views(const View *xv, const View *yv, const Grid *g, const do
                          floating *kind) except -1:
     """inference() on views (gamma, beta NULL: ones and zeros)."""
     cdef Py_ssize_t C = g.C
-    cdef floating *p = <floating *>scratch(4 * C, sizeof(floating), False)
+    cdef floating *p = <floating *>scratch(3 * C, sizeof(floating), False)
     cdef double *v = <double *>scratch(2 * C, sizeof(double), False)  # the variance and invstd, not returned
     with nogil:
         memcpy(v, var, C * sizeof(double))
@@ -740,7 +743,7 @@ cdef int train_views(const View *xv, const View *yv, const Grid *g, const double
     cdef floating *p
     cdef double *part
     cdef int nt
-    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    p = <floating *>scratch(3 * C, sizeof(floating), False)
     try:
         if group:
             # fused: a group's blocks are read from memory once, then served from L2
@@ -771,7 +774,7 @@ cdef int train_views(const View *xv, const View *yv, const Grid *g, const double
 
 cdef void act_grad_task(const View *dy, const View *x, const View *dz, const Grid *g, Py_ssize_t k,
                         const floating *p, const Act *act) noexcept nogil:
-    """Task k of dz = dy * act'(z), z = (x - mean) * scale + shift; p holds 4 rows of C."""
+    """Task k of dz = dy * act'(z), z = (x - mean) * scale + shift; p holds 3 rows of C (set_affine)."""
     cdef RowTile t
     cdef ColumnChunk h
     if g.columns:
@@ -802,7 +805,7 @@ def activation_grad(const floating[:, :, :] dy,   # IN  (A, C, B)
     xv = view_of(x)
     dzv = view_of(dz)
     g = make_grid(x)
-    p = <floating *>scratch(4 * C, sizeof(floating), False)
+    p = <floating *>scratch(3 * C, sizeof(floating), False)
     nt = n_threads(3 * g.R * g.C * sizeof(floating), g.tasks)
     with nogil:
         for c in range(C):
@@ -821,8 +824,8 @@ cdef void grad_sums_task(const View *dy, const View *x, const Grid *g, Py_ssize_
                          floating *kind) noexcept nogil:
     """Task k's sum(dy) and sum(dy * (x - mean)) per channel into its partial slots.
 
-    With an activation, dy is first taken through it (pa: mu_hi, mu_lo,
-    scale, shift), into dz, and the sums are dz's.
+    With an activation, dy is first taken through it (pa: set_affine's
+    rows), into dz, and the sums are dz's.
     """
     cdef RowTile t
     cdef ColumnChunk h
@@ -997,7 +1000,7 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
     p = <floating *>scratch((7 if a.code else 5) * C, sizeof(floating), False)  # rows 5, 6 for cols_relu_grad
     try:
         if a.code:
-            pa = <floating *>scratch(4 * C, sizeof(floating), False)
+            pa = <floating *>scratch(3 * C, sizeof(floating), False)
             for c in range(C):
                 set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3 * C + c])
         if group:
@@ -1027,7 +1030,7 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
             dzv = dxv if a.code and not recompute else dyv[0]
             grad_params(0, C, C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
             if recompute:  # the slope's scale and shift rows
-                memcpy(p + 5 * C, pa + 2 * C, 2 * C * sizeof(floating))
+                memcpy(p + 5 * C, pa + C, 2 * C * sizeof(floating))
             grid_grad(&dzv, xv, &dxv, g, p, &relu)
         free(part)
     finally:
