@@ -93,6 +93,10 @@ cdef extern from "cbn_loops.h" nogil:
                                            Py_ssize_t ps)
     void affine_params_f "cbn_affine_params_f"(double mean, double scale, double shift, float *p, Py_ssize_t ps)
     void affine_params_d "cbn_affine_params_d"(double mean, double scale, double shift, double *p, Py_ssize_t ps)
+    void grad_coefs_f "cbn_grad_coefs_f"(double mean, double dy_mean, double c_xmu, double k_dy, float *p,
+                                         Py_ssize_t ps)
+    void grad_coefs_d "cbn_grad_coefs_d"(double mean, double dy_mean, double c_xmu, double k_dy, double *p,
+                                         Py_ssize_t ps)
     void grad_params_f "cbn_grad_params_f"(Py_ssize_t n, double count, const double *mean, const double *invstd,
                                            const double *gamma, const double *sum_dy, const double *sum_dy_xmu,
                                            float *p, Py_ssize_t ps)
@@ -415,7 +419,7 @@ cdef inline void group_act_grad_sums(const View *dy, const View *x, const View *
 
 cdef inline void group_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
                             Py_ssize_t ps) noexcept nogil:
-    """p points at channel c0's (mu_hi, mu_lo, dy_mean, c_xmu, k_dy), rows ps apart."""
+    """p points at channel c0's (mu_hi, dy_mean, c_xmu, k_dy), rows ps apart (cbn_grad_coefs)."""
     cdef floating *kind = NULL
     if floating is float:
         group_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
@@ -507,12 +511,6 @@ cdef void *scratch(Py_ssize_t n, size_t size, bint zero) except NULL:
     if p == NULL:
         raise MemoryError(f"cbn: could not allocate {n * size} bytes of scratch memory")
     return p
-
-
-cdef inline void split_mean(double mu, floating *hi, floating *lo) noexcept nogil:
-    """mu as hi + lo in the element type (hi the nearest value, lo the rest)."""
-    hi[0] = <floating>mu
-    lo[0] = <floating>(mu - <double>hi[0])
 
 
 cdef inline RowTile whole_channels(const Grid *g, Py_ssize_t c0, Py_ssize_t c1) noexcept nogil:
@@ -874,11 +872,11 @@ cdef void grid_grad_sums(const View *dy, const View *x, const Grid *g, double *p
 
 cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
                     const floating *p, const Act *relu) noexcept nogil:
-    """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 5 rows of C.
+    """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 4 rows of C (grad_params).
 
     ``relu`` (columns only, contiguous rows): dy is taken through ReLU or
-    leaky ReLU on the way, its slope recomputed from x (p then holds 7 rows:
-    scale and shift after the 5).
+    leaky ReLU on the way, its slope recomputed from x (p then holds 6 rows:
+    set_affine's scale and shift after the 4).
     """
     cdef RowTile t
     cdef ColumnChunk h
@@ -920,7 +918,7 @@ cdef void grid_grad(const View *dy, const View *x, const View *dx, const Grid *g
 cdef inline void grad_params(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, double count, const double *mean,
                              const double *invstd, const double *gamma, const double *sum_dy,
                              const double *sum_dy_xmu, floating *p) noexcept nogil:
-    """Channels c0:c1's gradient coefficients in p (rows: mu_hi, mu_lo, dy_mean, c_xmu, k_dy).
+    """Channels c0:c1's gradient coefficients in p (rows: mu_hi, dy_mean, c_xmu, k_dy; cbn_grad_coefs).
 
     dx = gamma * invstd * (dy - mean(dy) - (x - mean) * invstd**2 * mean(dy * (x - mean)))
     """
@@ -997,7 +995,7 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
     cdef Act relu = Act(0, 0.0)  # set when the dx pass takes dy through ReLU itself
     cdef bint recompute
     memset(sums, 0, 2 * C * sizeof(double))
-    p = <floating *>scratch((7 if a.code else 5) * C, sizeof(floating), False)  # rows 5, 6 for cols_relu_grad
+    p = <floating *>scratch((6 if a.code else 4) * C, sizeof(floating), False)  # rows 4, 5 for cols_relu_grad
     try:
         if a.code:
             pa = <floating *>scratch(3 * C, sizeof(floating), False)
@@ -1030,7 +1028,7 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
             dzv = dxv if a.code and not recompute else dyv[0]
             grad_params(0, C, C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
             if recompute:  # the slope's scale and shift rows
-                memcpy(p + 5 * C, pa + C, 2 * C * sizeof(floating))
+                memcpy(p + 4 * C, pa + C, 2 * C * sizeof(floating))
             grid_grad(&dzv, xv, &dxv, g, p, &relu)
         free(part)
     finally:
@@ -1077,13 +1075,13 @@ def backward_elemt(const floating[:, :, :] dy,   # IN  (A, C, B)
     xv = view_of(x)
     dxv = view_of(dx)
     g = make_grid(x)
-    p = <floating *>scratch(5 * C, sizeof(floating), False)
+    p = <floating *>scratch(4 * C, sizeof(floating), False)
     with nogil:
         for c in range(C):
-            split_mean(coef[0, c], &p[c], &p[C + c])
-            p[2 * C + c] = <floating>coef[1, c]
-            p[3 * C + c] = <floating>coef[2, c]
-            p[4 * C + c] = <floating>coef[3, c]
+            if floating is float:
+                grad_coefs_f(coef[0, c], coef[1, c], coef[2, c], coef[3, c], p + c, C)
+            else:
+                grad_coefs_d(coef[0, c], coef[1, c], coef[2, c], coef[3, c], p + c, C)
         grid_grad(&dyv, &xv, &dxv, &g, p, &no_act)
     free(p)
 

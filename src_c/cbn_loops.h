@@ -68,6 +68,14 @@ static inline int cbn_page_rows(ptrdiff_t da, ptrdiff_t xa, size_t size)
 {
     return da * (ptrdiff_t)size >= CBN_ROW_PAGE && xa * (ptrdiff_t)size >= CBN_ROW_PAGE;
 }
+/* (mean - hi) * a, the rest of a mean beyond its nearest value hi in the element type, times a
+ * factor, to fold into a shift; 0 where that is not finite (an infinite factor, from an infinite
+ * gradient: a rest of 0 times it would make the shift NaN, where the reference keeps inf) */
+static inline double cbn_rest_times(double mean, double hi, double a)
+{
+    const double r = (mean - hi) * a;
+    return isfinite(r) ? r : 0.0;
+}
 /* channels whose accumulators a row-mode sum keeps at a time */
 #define CBN_CHANNELS 16
 
