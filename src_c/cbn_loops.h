@@ -57,16 +57,17 @@
  * (2 or 3 arrays of 8 KiB stay in L1); strips of 256 channels took 8-16 % longer on 4096x1024 */
 #define CBN_COLS 1024
 /* The column sums read CBN_ROWS rows per load and store of their accumulators (each channel's
- * additions in the same order as a row at a time) where rows lie CBN_ROW_PAGE bytes apart or more.
- * A row at a time, the accumulators' loads and stores bound the loop where a 512-bit store takes
- * two cycles (AMD Zen 4: NC 4096x1024 training 0.64-0.87, backward 0.85-0.88 of the time).  Rows
- * that share a page, read interleaved, defeat the hardware prefetchers: rows of 512 B to 2 KiB
- * took 1.2-1.8x as long, with software prefetches too. */
+ * additions in the same order as a row at a time) where rows lie a page apart or more, or are short
+ * enough that CBN_ROWS of them span at most 1 KiB.  A row at a time, the accumulators' loads and
+ * stores bound the loop where a 512-bit store takes two cycles (AMD Zen 4: NC 4096x1024 training
+ * 0.76-0.85, backward 0.86 of the time; NHWC 100352x64 training 0.71-0.85).  Rows of 512 B to 2 KiB
+ * read interleaved defeat the hardware prefetchers: they took up to 1.7x as long, with software
+ * prefetches too. */
 #define CBN_ROWS 4
-#define CBN_ROW_PAGE 4096
-static inline int cbn_page_rows(ptrdiff_t da, ptrdiff_t xa, size_t size)
+static inline int cbn_rows_at_once(ptrdiff_t da, ptrdiff_t xa, size_t size)
 {
-    return da * (ptrdiff_t)size >= CBN_ROW_PAGE && xa * (ptrdiff_t)size >= CBN_ROW_PAGE;
+    const ptrdiff_t d = da * (ptrdiff_t)size, x = xa * (ptrdiff_t)size;
+    return (d >= 4096 && x >= 4096) || (d > 0 && x > 0 && d * CBN_ROWS <= 1024 && x * CBN_ROWS <= 1024);
 }
 /* (mean - hi) * a, the rest of a mean beyond its nearest value hi in the element type, times a
  * factor, to fold into a shift; 0 where that is not finite (an infinite factor, from an infinite

@@ -213,8 +213,8 @@ CBN_INLINE void CBN_FN(cbn_affine_span)(CBN_T *w, const CBN_T *u, ptrdiff_t k, C
 }
 
 /* y = act((x - mu_hi) * scale + shift) per channel; p holds 3 rows (mu_hi, scale, shift) of ps
- * values, one per channel (cbn_affine_params).  stream: contiguous runs of y are written with non-temporal
- * stores (CBN_STREAM_ROWS). */
+ * values, one per channel (cbn_affine_params).  stream: contiguous runs of y are written with
+ * non-temporal stores (CBN_STREAM_ROWS). */
 CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *y,
                                                 ptrdiff_t ya, ptrdiff_t yc, ptrdiff_t sy, ptrdiff_t m, ptrdiff_t g,
                                                 ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope,
@@ -374,7 +374,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
             dev[i] = sq[i] = 0;
         }
         ptrdiff_t r = 0;
-        if (sx == 1 && cbn_page_rows(xa, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+        if (sx == 1 && cbn_rows_at_once(xa, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
             for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
                 const CBN_T *row = xc + r * xa;
                 for (ptrdiff_t i = 0; i < w; i++) {
@@ -442,7 +442,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (sd == 1 && sx == 1 && cbn_page_rows(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+        if (sd == 1 && sx == 1 && cbn_rows_at_once(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
             for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
                 const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
                 for (ptrdiff_t i = 0; i < w; i++) {
@@ -486,7 +486,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (dz == NULL && cbn_page_rows(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
+        if (dz == NULL && cbn_rows_at_once(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
             for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
                 const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
                 for (ptrdiff_t i = 0; i < w; i++) {
