@@ -154,7 +154,7 @@ cdef View plain_view(cnp.ndarray a, Py_ssize_t C, Py_ssize_t B) noexcept:
     w.sa = C * B
     w.sc = B
     w.sb = 1
-    w.stream = 0 <= STREAM_BYTES <= cnp.PyArray_NBYTES(a)
+    w.stream = streams(cnp.PyArray_NBYTES(a), 2)
     return w
 
 
