@@ -13,7 +13,6 @@ import argparse
 import concurrent.futures
 import json
 import math
-import platform
 import sys
 import time
 
@@ -261,7 +260,7 @@ def main(argv=None):
 
     info = cbn.show_config(mode="dicts")
     print(f"cbn {info['cbn']} (OpenMP {'on' if info['openmp'] else 'off'}), NumPy {info['numpy']}, "
-          f"Python {info['python']}, {platform.processor() or platform.machine()}, best of {repeat}")
+          f"Python {info['python']}, {info['cpu']}, best of {repeat}")
     records = run(cases, dtypes, threads, repeat, with_reference=not args.sweep, activation=args.activation)
     report(records)
     if args.json:

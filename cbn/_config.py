@@ -5,7 +5,7 @@ import sys
 
 import numpy as np
 
-from . import _kernels
+from . import _kernels, _machine
 from ._version import __version__
 
 # _OPENMP macro value (yyyymm of the specification) -> OpenMP version.
@@ -31,6 +31,12 @@ def _gpu_status():
     return f"CuPy {version}, {name} (compute capability {major}.{minor})"
 
 
+def _cpu():
+    """The CPU's model and L3 size, as far as this platform tells (the kernels' defaults follow them)."""
+    model, l3 = _machine.cpu_model() or platform.machine(), _machine.l3_bytes()
+    return f"{model}, L3 {l3 / 2**20:g} MiB" if l3 else model
+
+
 def _config():
     spec, library = _kernels.openmp_info()
     return {
@@ -42,6 +48,7 @@ def _config():
         "numpy": np.__version__,
         "python": platform.python_version(),
         "platform": f"{sys.platform}-{platform.machine()}",
+        "cpu": _cpu(),
         "stream_bytes": _kernels.stream_bytes() if _kernels.has_stream_stores() else None,
         "gpu": _gpu_status(),
     }
@@ -53,8 +60,9 @@ def show_config(mode="stdout"):
     Reports the version, whether the kernels were built with OpenMP and which
     runtime they use, the default thread count (``OMP_NUM_THREADS``,
     threadpoolctl), from which output size non-temporal stores are used
-    (``stream_bytes``; None where the build has none), NumPy's version, and
-    whether the GPU path is available.
+    (``stream_bytes``; None where the build has none), NumPy's version, the
+    CPU (model and L3 size, where the platform tells), and whether the GPU
+    path is available.
 
     Examples
     --------
@@ -85,4 +93,5 @@ def show_config(mode="stdout"):
     print(f"  streaming:       {stream}")
     print(f"  NumPy:           {config['numpy']}")
     print(f"  Python:          {config['python']} ({config['platform']})")
+    print(f"  CPU:             {config['cpu']}")
     print(f"  GPU path:        {config['gpu']}")

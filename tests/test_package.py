@@ -44,7 +44,8 @@ def test_show_config_reports_what_the_issue_asks(capsys):
     assert config["stream_bytes"] == (want if _kernels.has_stream_stores() else None)
     cbn.show_config()
     printed = capsys.readouterr().out
-    for word in ("cbn", "OpenMP", "default threads", "streaming", "NumPy", "GPU path"):
+    assert isinstance(config["cpu"], str) and config["cpu"]
+    for word in ("cbn", "OpenMP", "default threads", "streaming", "NumPy", "CPU", "GPU path"):
         assert word in printed
     with pytest.raises(ValueError, match="mode must be"):
         cbn.show_config(mode="yaml")
