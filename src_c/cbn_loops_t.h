@@ -358,6 +358,23 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
  * channel i of a row is at i * sx.  Rows are read in memory order; the
  * per-channel accumulators (CBN_COLS channels at a time) stay in L1. */
 
+/* dev[i] += x - k[i] and sq[i] += (x - k[i])**2 over `rows` rows of w channels (rows xa apart, channels
+ * sx apart), in row order, each accumulator loaded and stored once (CBN_ROWS) */
+CBN_INLINE void CBN_FN(cbn_cols_dev_rows)(double *dev, double *sq, const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx,
+                                          const double *k, ptrdiff_t w, int rows)
+{
+    for (ptrdiff_t i = 0; i < w; i++) {
+        double a = dev[i], s = sq[i];
+        for (int q = 0; q < rows; q++) {
+            double d = x[q * xa + i * sx] - k[i];
+            a += d;
+            s += d * d;
+        }
+        dev[i] = a;
+        sq[i] = s;
+    }
+}
+
 /* Per channel: mean and M2 = sum((x - mean)**2) of the m rows, written to mean[i] and m2[i]: as
  * cbn_group_stats, one pass of deviations from the first row, and a second from the mean for the
  * channels where that could cancel (the rows are small enough to stay in cache). */
@@ -374,35 +391,14 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
             dev[i] = sq[i] = 0;
         }
         ptrdiff_t r = 0;
-        if (sx == 1 && cbn_rows_at_once(xa, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
-            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
-                const CBN_T *row = xc + r * xa;
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double a = dev[i], s = sq[i];
-                    for (int q = 0; q < CBN_ROWS; q++) {
-                        double d = row[q * xa + i] - k[i];
-                        a += d;
-                        s += d * d;
-                    }
-                    dev[i] = a;
-                    sq[i] = s;
-                }
-            }
-        for (; r < m; r++) {
-            const CBN_T *row = xc + r * xa;
+        if (sx == 1 && cbn_rows_at_once(xa, xa, sizeof(CBN_T)))
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS)
+                CBN_FN(cbn_cols_dev_rows)(dev, sq, xc + r * xa, xa, 1, k, w, CBN_ROWS);
+        for (; r < m; r++)
             if (sx == 1)  /* a unit stride as a constant: the loop vectorizes */
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double d = row[i] - k[i];
-                    dev[i] += d;
-                    sq[i] += d * d;
-                }
+                CBN_FN(cbn_cols_dev_rows)(dev, sq, xc + r * xa, xa, 1, k, w, 1);
             else
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double d = row[i * sx] - k[i];
-                    dev[i] += d;
-                    sq[i] += d * d;
-                }
-        }
+                CBN_FN(cbn_cols_dev_rows)(dev, sq, xc + r * xa, xa, sx, k, w, 1);
         for (ptrdiff_t i = 0; i < w; i++)
             if (!cbn_shift_holds((double)m, dev[i], sq[i])) {
                 k[i] += dev[i] / m;
@@ -421,13 +417,40 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
     }
 }
 
-/* acc_dy[i] += g[i] and acc_dy_xmu[i] += g[i] * (v[i] - mu[i]) over one row of w channels (strides sg, sv) */
-CBN_INLINE void CBN_FN(cbn_cols_acc_row)(double *acc_dy, double *acc_dy_xmu, const CBN_T *g, ptrdiff_t sg,
-                                         const CBN_T *v, ptrdiff_t sv, const double *mu, ptrdiff_t w)
+/* acc_dy[i] += g and acc_dy_xmu[i] += g * (v - mu[i]) over `rows` rows of w channels (rows ga and va
+ * apart, channels sg and sv apart), in row order, each accumulator loaded and stored once (CBN_ROWS) */
+CBN_INLINE void CBN_FN(cbn_cols_acc_rows)(double *acc_dy, double *acc_dy_xmu, const CBN_T *g, ptrdiff_t ga,
+                                          ptrdiff_t sg, const CBN_T *v, ptrdiff_t va, ptrdiff_t sv, const double *mu,
+                                          ptrdiff_t w, int rows)
 {
     for (ptrdiff_t i = 0; i < w; i++) {
-        acc_dy[i] += g[i * sg];
-        acc_dy_xmu[i] += g[i * sg] * (v[i * sv] - mu[i]);
+        double a = acc_dy[i], b = acc_dy_xmu[i];
+        for (int q = 0; q < rows; q++) {
+            a += g[q * ga + i * sg];
+            b += g[q * ga + i * sg] * (v[q * va + i * sv] - mu[i]);
+        }
+        acc_dy[i] = a;
+        acc_dy_xmu[i] = b;
+    }
+}
+
+/* cbn_cols_acc_rows of dz = dy * relu'(z) (slope `low` below 0), z = (x - mu_hi) * scale + shift
+ * recomputed from x, on contiguous rows */
+CBN_INLINE void CBN_FN(cbn_cols_relu_acc_rows)(double *acc_dy, double *acc_dy_xmu, const CBN_T *g, ptrdiff_t ga,
+                                               const CBN_T *v, ptrdiff_t va, const CBN_T *mu_hi,
+                                               const CBN_T *scale, const CBN_T *shift, CBN_T low, const double *mu,
+                                               ptrdiff_t w, int rows)
+{
+    for (ptrdiff_t i = 0; i < w; i++) {
+        double a = acc_dy[i], b = acc_dy_xmu[i];
+        for (int q = 0; q < rows; q++) {
+            const CBN_T u = v[q * va + i], z = (u - mu_hi[i]) * scale[i] + shift[i];
+            CBN_T d = g[q * ga + i] * CBN_RELU_SLOPE(z, low);
+            a += d;
+            b += d * (u - mu[i]);
+        }
+        acc_dy[i] = a;
+        acc_dy_xmu[i] = b;
     }
 }
 
@@ -442,25 +465,16 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (sd == 1 && sx == 1 && cbn_rows_at_once(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
-            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
-                const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double a = acc_dy[i], b = acc_dy_xmu[i];
-                    for (int q = 0; q < CBN_ROWS; q++) {
-                        a += g[q * da + i];
-                        b += g[q * da + i] * (v[q * xa + i] - mu[c0 + i]);
-                    }
-                    acc_dy[i] = a;
-                    acc_dy_xmu[i] = b;
-                }
-            }
+        if (sd == 1 && sx == 1 && cbn_rows_at_once(da, xa, sizeof(CBN_T)))
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS)
+                CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, dy + r * da + c0, da, 1, x + r * xa + c0, xa, 1,
+                                          mu + c0, w, CBN_ROWS);
         for (; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             if (sd == 1 && sx == 1)  /* unit strides as constants: the loop vectorizes */
-                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, g, 1, v, 1, mu + c0, w);
+                CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, g, da, 1, v, xa, 1, mu + c0, w, 1);
             else
-                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, g, sd, v, sx, mu + c0, w);
+                CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, g, da, sd, v, xa, sx, mu + c0, w, 1);
         }
         for (ptrdiff_t i = 0; i < w; i++) {
             sum_dy[c0 + i] = acc_dy[i];
@@ -486,37 +500,23 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (dz == NULL && cbn_rows_at_once(da, xa, sizeof(CBN_T)))  /* CBN_ROWS rows at a time */
-            for (; r + CBN_ROWS <= m; r += CBN_ROWS) {
-                const CBN_T *g = dy + r * da + c0, *v = x + r * xa + c0;
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    double a = acc_dy[i], b = acc_dy_xmu[i];
-                    for (int q = 0; q < CBN_ROWS; q++) {
-                        const CBN_T u = v[q * xa + i], z = (u - mu_hi[i]) * scale[i] + shift[i];
-                        CBN_T d = g[q * da + i] * CBN_RELU_SLOPE(z, low);
-                        a += d;
-                        b += d * (u - mu[c0 + i]);
-                    }
-                    acc_dy[i] = a;
-                    acc_dy_xmu[i] = b;
-                }
-            }
+        if (dz == NULL && cbn_rows_at_once(da, xa, sizeof(CBN_T)))
+            for (; r + CBN_ROWS <= m; r += CBN_ROWS)
+                CBN_FN(cbn_cols_relu_acc_rows)(acc_dy, acc_dy_xmu, dy + r * da + c0, da, x + r * xa + c0, xa, mu_hi,
+                                               scale, shift, low, mu + c0, w, CBN_ROWS);
         for (; r < m; r++) {
             const CBN_T *g = dy + r * da + c0 * sd, *v = x + r * xa + c0 * sx;
             CBN_T *o = dz ? dz + r * oa + c0 * so : NULL;
             if (dz == NULL) {
-                for (ptrdiff_t i = 0; i < w; i++) {
-                    CBN_T d = g[i] * CBN_RELU_SLOPE((v[i] - mu_hi[i]) * scale[i] + shift[i], low);
-                    acc_dy[i] += d;
-                    acc_dy_xmu[i] += d * (v[i] - mu[c0 + i]);
-                }
+                CBN_FN(cbn_cols_relu_acc_rows)(acc_dy, acc_dy_xmu, g, da, v, xa, mu_hi, scale, shift, low, mu + c0,
+                                               w, 1);
             } else if (sd == 1 && sx == 1 && so == 1) {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i], (v[i] - mu_hi[i]) * scale[i] + shift[i], o[i]);
-                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, o, 1, v, 1, mu + c0, w);
+                CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, o, oa, 1, v, xa, 1, mu + c0, w, 1);
             } else {
                 CBN_ACT_GRAD_LOOPS(w, act, slope, g[i * sd],
                                    (v[i * sx] - mu_hi[i]) * scale[i] + shift[i], o[i * so]);
-                CBN_FN(cbn_cols_acc_row)(acc_dy, acc_dy_xmu, o, so, v, sx, mu + c0, w);
+                CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, o, oa, so, v, xa, sx, mu + c0, w, 1);
             }
         }
         for (ptrdiff_t i = 0; i < w; i++) {
