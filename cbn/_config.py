@@ -87,8 +87,13 @@ def show_config(mode="stdout"):
     elif config["stream_bytes"] < 0:
         stream = "off"
     else:
-        size = config["stream_bytes"]
-        at = f"{size / 2**20:g} MiB and more" if size % 2**20 == 0 else f"more than {size / 2**20:.0f} MiB"
+        size, mib = config["stream_bytes"], 2**20
+        if size % mib == 0:
+            at = f"{size // mib} MiB and more"
+        elif size % mib == 1:  # _machine.stream_threshold's "above half the L3"
+            at = f"more than {size // mib} MiB"
+        else:
+            at = f"{size} bytes and more"
         stream = f"non-temporal stores for outputs of {at}"
     print(f"  streaming:       {stream}")
     print(f"  NumPy:           {config['numpy']}")

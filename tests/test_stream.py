@@ -104,8 +104,8 @@ def test_streamed_outputs_in_other_layouts_and_threads(layout, threads):
         np.testing.assert_array_equal(g, w)
 
 
-def test_default_threshold_streams_a_large_array_correctly():
-    """An 8 MB array above the threshold (Intel's default) streams: checked against the reference."""
+def test_a_large_array_streams_correctly_at_intels_threshold():
+    """An 8 MB array above Intel's threshold (4 MiB) streams: checked against the reference."""
     rng = np.random.default_rng(2)
     x = random_array(rng, (8, 16, 128, 128), np.float32, offset=50.0)
     dy = random_array(rng, x.shape, np.float32)
@@ -129,6 +129,17 @@ def test_stream_threshold_follows_the_cpu():
     assert parse_size("32768K\n") == 32 << 20 and parse_size("2M") == 2 << 20 and parse_size("512") == 512
     assert cpu_vendor() == "" or cpu_vendor().isalnum()
     assert l3_bytes() is None or l3_bytes() > 0
+
+
+@pytest.mark.parametrize("size, said", [(4 << 20, "4 MiB and more"), ((16 << 20) + 1, "more than 16 MiB"),
+                                         (123, "123 bytes and more"), (-1, "off")])
+def test_cbn_info_says_the_streaming_size(size, said, capsys):
+    if not _kernels.has_stream_stores():
+        pytest.skip("this build has no non-temporal stores")
+    with streaming(size):
+        cbn.show_config()
+    prefix = "" if size < 0 else "non-temporal stores for outputs of "
+    assert f"streaming:       {prefix}{said}" in capsys.readouterr().out
 
 
 def test_stream_bytes_setting():
