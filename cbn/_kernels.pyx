@@ -151,6 +151,14 @@ cdef extern from "cbn_loops.h" nogil:
                                          const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *dx,
                                          Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
                                          Py_ssize_t n, const double *p, Py_ssize_t ps, int stream)
+    void group_relu_grad_f "cbn_group_relu_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, const float *x,
+                                                   Py_ssize_t xa, Py_ssize_t xc, float *dx, Py_ssize_t oa,
+                                                   Py_ssize_t oc, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
+                                                   const float *p, Py_ssize_t ps, float low, int stream)
+    void group_relu_grad_d "cbn_group_relu_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, const double *x,
+                                                   Py_ssize_t xa, Py_ssize_t xc, double *dx, Py_ssize_t oa,
+                                                   Py_ssize_t oc, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
+                                                   const double *p, Py_ssize_t ps, double low, int stream)
     void cols_stats_f "cbn_cols_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                          double *mean, double *m2)
     void cols_stats_d "cbn_cols_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
@@ -414,15 +422,22 @@ cdef inline void group_grad_sums(const View *dy, const View *x, const RowTile *t
 cdef inline void group_act_grad_sums(const View *dy, const View *x, const View *dz, const RowTile *t,
                                      const floating *p, Py_ssize_t ps, const Act *act, const double *mu,
                                      double *sum_dy, double *sum_dy_xmu) noexcept nogil:
-    """dz = dy * act'(z) run by run into dz, and the sums of dz as group_grad_sums."""
+    """dz = dy * act'(z) run by run into dz, and the sums of dz as group_grad_sums.
+
+    dz NULL: the sums only, for ReLU and leaky ReLU on contiguous runs (whose
+    dz group_relu_grad recomputes)."""
     cdef floating *kind = NULL
+    cdef floating *out = NULL if dz == NULL else at(dz, t.a0, t.c0, t.b0, kind)
+    cdef Py_ssize_t oa = 0 if dz == NULL else dz.sa
+    cdef Py_ssize_t oc = 0 if dz == NULL else dz.sc
+    cdef Py_ssize_t so = 1 if dz == NULL else dz.sb
     if floating is float:
         group_act_grad_sums_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
-                              x.sa, x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0,
+                              x.sa, x.sc, x.sb, out, oa, oc, so, t.a1 - t.a0,
                               t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, <float>act.slope, mu, sum_dy, sum_dy_xmu)
     else:
         group_act_grad_sums_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind),
-                              x.sa, x.sc, x.sb, at(dz, t.a0, t.c0, t.b0, kind), dz.sa, dz.sc, dz.sb, t.a1 - t.a0,
+                              x.sa, x.sc, x.sb, out, oa, oc, so, t.a1 - t.a0,
                               t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope, mu, sum_dy, sum_dy_xmu)
 
 
@@ -438,6 +453,22 @@ cdef inline void group_grad(const View *dy, const View *x, const View *dx, const
         group_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
                      x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
                      t.b1 - t.b0, p, ps, dx.stream)
+
+
+cdef inline void group_relu_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
+                                 Py_ssize_t ps, const Act *relu) noexcept nogil:
+    """group_grad of dy taken through ReLU or leaky ReLU, its slope recomputed from x (contiguous runs);
+    p: 6 rows, group_grad's 4 then set_affine's scale and shift."""
+    cdef floating *kind = NULL
+    cdef floating low = 0 if relu.code == 1 else <floating>relu.slope
+    if floating is float:
+        group_relu_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
+                          at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p,
+                          ps, low, dx.stream)
+    else:
+        group_relu_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
+                          at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p,
+                          ps, low, dx.stream)
 
 
 cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
@@ -883,8 +914,8 @@ cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g
                     const floating *p, const Act *relu) noexcept nogil:
     """Task k of dx = ((dy - dy_mean) - (x - mean) * c_xmu) * k_dy; p holds 4 rows of C (grad_params).
 
-    ``relu`` (columns only, contiguous rows): dy is taken through ReLU or
-    leaky ReLU on the way, its slope recomputed from x (p then holds 6 rows:
+    ``relu`` (contiguous runs or rows): dy is taken through ReLU or leaky
+    ReLU on the way, its slope recomputed from x (p then holds 6 rows:
     set_affine's scale and shift after the 4).
     """
     cdef RowTile t
@@ -897,7 +928,10 @@ cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g
             cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
-        group_grad(dy, x, dx, &t, p + t.c0, g.C)
+        if relu.code:
+            group_relu_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
+        else:
+            group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
 cdef inline void cols_relu_grad(const View *dy, const View *x, const View *dx, const ColumnChunk *t,
@@ -940,20 +974,26 @@ cdef inline void grad_params(Py_ssize_t c0, Py_ssize_t c1, Py_ssize_t C, double 
 cdef void backward_group_task(const View *dy, const View *x, const View *dx, const Grid *g, Py_ssize_t k,
                               Py_ssize_t group, const double *mean, const double *invstd, const double *gamma,
                               double *sum_dy, double *sum_dy_xmu, floating *p, const floating *pa, const Act *act,
-                              floating *kind) noexcept nogil:
+                              const Act *relu, floating *kind) noexcept nogil:
     """Channels k*group:(k+1)*group of the fused gradient: sums over dy and x, then dx from cache.
 
     With an activation, dz = dy * act'(z) goes into the group's dx block first
-    and takes dy's place, while the block is in cache.
+    and takes dy's place, while the block is in cache; ``relu`` set (ReLU or
+    leaky ReLU on contiguous runs): dz is not stored, the dx pass recomputes it.
     """
     cdef RowTile t = whole_channels(g, k * group, min(k * group + group, g.C))
-    if act.code:
+    if relu.code:
+        group_act_grad_sums(dy, x, NULL, &t, pa + t.c0, g.C, act, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0])
+    elif act.code:
         group_act_grad_sums(dy, x, dx, &t, pa + t.c0, g.C, act, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0])
         dy = dx
     else:
         group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
     grad_params(t.c0, t.c1, g.C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
-    group_grad(dy, x, dx, &t, p + t.c0, g.C)
+    if relu.code:
+        group_relu_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
+    else:
+        group_grad(dy, x, dx, &t, p + t.c0, g.C)
 
 
 def backward(const floating[:, :, :] dy,   # IN  (A, C, B)
@@ -1002,18 +1042,24 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
     cdef Py_ssize_t group = fused_group(g, 2, sizeof(floating))
     cdef int nt
     cdef Act relu = Act(0, 0.0)  # set when the dx pass takes dy through ReLU itself
-    cdef bint recompute
+    # ReLU on contiguous runs or rows: dz is not stored but recomputed in the dx pass (no extra write,
+    # and dx may stream)
+    cdef bint recompute = (a.code == 1 or a.code == 2) and (
+        dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1 if g.columns else dyv.sb == 1 and xv.sb == 1 and dxv.sb == 1)
     memset(sums, 0, 2 * C * sizeof(double))
-    p = <floating *>scratch((6 if a.code else 4) * C, sizeof(floating), False)  # rows 4, 5 for cols_relu_grad
+    p = <floating *>scratch((6 if a.code else 4) * C, sizeof(floating), False)  # rows 4, 5 for relu_grad
     try:
         if a.code:
             pa = <floating *>scratch(3 * C, sizeof(floating), False)
             for c in range(C):
                 set_affine(pa, C, c, mean[c], gamma[c] * invstd[c], stats[3 * C + c])
+        if recompute:
+            relu = a[0]
+            memcpy(p + 4 * C, pa + C, 2 * C * sizeof(floating))  # the slope's scale and shift rows
         if group:
             # fused: a group's dy and x blocks are read once, dx computed from L2
             dxv.stream = streams(g.R * C * <Py_ssize_t>sizeof(floating), 3)
-            if a.code:  # dz fills dx's block first: streaming dx over those dirty lines would write them twice
+            if a.code and not recompute:  # dz fills dx's block first: streaming dx would write those lines twice
                 dxv.stream = False
             n_groups = (C + group - 1) // group
             nt = n_threads(3 * g.R * C * sizeof(floating), n_groups)
@@ -1021,24 +1067,18 @@ cdef int backward_views(const View *dyv, const View *xv, const View *dx_view, co
                 if nt == 1:
                     for k in range(n_groups):
                         backward_group_task(dyv, xv, &dxv, g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, pa, a, kind)
+                                            p, pa, a, &relu, kind)
                 else:
                     for k in prange(n_groups, num_threads=nt, schedule="static"):
                         backward_group_task(dyv, xv, &dxv, g, k, group, mean, invstd, gamma, sum_dy, sum_dy_xmu,
-                                            p, pa, a, kind)
+                                            p, pa, a, &relu, kind)
             return 0
-        # ReLU on contiguous columns: dz is not stored but recomputed in the dx pass (no extra write)
-        recompute = (a.code == 1 or a.code == 2) and g.columns and dyv.sc == 1 and xv.sc == 1 and dxv.sc == 1
-        if recompute:
-            relu = a[0]
         part = <double *>scratch(partials_size(g), sizeof(double), True)
         with nogil:
             grid_grad_sums(dyv, xv, g, part, mean, sum_dy, sum_dy_xmu, NULL if recompute else &dxv, pa, a, kind)
             # the sums pass left dz in dx: the gradient is dz's
             dzv = dxv if a.code and not recompute else dyv[0]
             grad_params(0, C, C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
-            if recompute:  # the slope's scale and shift rows
-                memcpy(p + 4 * C, pa + C, 2 * C * sizeof(floating))
             grid_grad(&dzv, xv, &dxv, g, p, &relu)
         free(part)
     finally:

@@ -112,14 +112,13 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRI
 }
 
 /* cbn_grad_run of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = (x - mu_hi) *
- * scale + shift, for contiguous runs, storing dz on the way: one loop and one read of dy
- * and x instead of two.  The same lanes and order as cbn_grad_run on dz: the same bits. */
-CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *CBN_RESTRICT dy,
-                                                              const CBN_T *CBN_RESTRICT x, CBN_T *CBN_RESTRICT dz,
-                                                              ptrdiff_t n, CBN_T mu_hi, CBN_T scale, CBN_T shift,
-                                                              CBN_T low, double mu,
-                                                              cbn_acc *CBN_RESTRICT sum_dy,
-                                                              cbn_acc *CBN_RESTRICT sum_dy_xmu)
+ * scale + shift, for contiguous runs: one loop and one read of dy and x instead of two.  dz is
+ * stored on the way, or not (dz NULL: the dx pass recomputes it).  The same lanes and order as
+ * cbn_grad_run on dz: the same bits. */
+CBN_INLINE void CBN_FN(cbn_relu_sums_body)(const CBN_T *CBN_RESTRICT dy, const CBN_T *CBN_RESTRICT x,
+                                           CBN_T *CBN_RESTRICT dz, ptrdiff_t n, CBN_T mu_hi, CBN_T scale,
+                                           CBN_T shift, CBN_T low, double mu, cbn_acc *CBN_RESTRICT sum_dy,
+                                           cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
     double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = 0, tail_dy_xmu = 0;
     memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
@@ -129,7 +128,8 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *CBN_R
         for (int j = 0; j < CBN_LANES; j++) {
             CBN_T v = x[i + j];
             CBN_T g = dy[i + j] * CBN_RELU_SLOPE((v - mu_hi) * scale + shift, low);
-            dz[i + j] = g;
+            if (dz != NULL)
+                dz[i + j] = g;
             acc_dy[j] += g;
             acc_dy_xmu[j] += g * (v - mu);
         }
@@ -137,7 +137,8 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *CBN_R
     for (; i < n; i++) {
         CBN_T v = x[i];
         CBN_T g = dy[i] * slope_of[(v - mu_hi) * scale + shift > 0];
-        dz[i] = g;
+        if (dz != NULL)
+            dz[i] = g;
         tail_dy += g;
         tail_dy_xmu += g * (v - mu);
     }
@@ -145,6 +146,20 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *CBN_R
     memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
     sum_dy->tail += tail_dy;
     sum_dy_xmu->tail += tail_dy_xmu;
+}
+
+CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_grad_run)(const CBN_T *dy, const CBN_T *x, CBN_T *dz, ptrdiff_t n,
+                                                              CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low,
+                                                              double mu, cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
+{
+    CBN_FN(cbn_relu_sums_body)(dy, x, dz, n, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
+}
+
+CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_relu_sums_run)(const CBN_T *dy, const CBN_T *x, ptrdiff_t n,
+                                                              CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low,
+                                                              double mu, cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
+{
+    CBN_FN(cbn_relu_sums_body)(dy, x, NULL, n, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
 }
 
 /* Per-channel work, one loop each that vectorizes (a small call spends much of its time here):
@@ -265,7 +280,8 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
 /* sum_dy_xmu[c] += sum(dz * (x - mu[c])) and sum_dy[c] += sum(dz), in double, where dz = dy * act'(z)
  * (z recomputed from x; p as for cbn_group_affine) goes to dz run by run and is summed from L1
  * (ReLU's and leaky ReLU's in the same loop, cbn_relu_grad_run); act CBN_IDENTITY: dz is dy itself,
- * and dz and p are not used. */
+ * and dz and p are not used.  dz NULL: ReLU or leaky ReLU on contiguous runs, the sums only
+ * (cbn_group_relu_grad recomputes dz in the dx pass). */
 CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                                        const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
                                                        CBN_T *dz, ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so,
@@ -287,11 +303,15 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
                     CBN_FN(cbn_grad_run)(q, sd, u, sx, n, mu[c], a_dy, a_dy_xmu);
                     continue;
                 }
-                CBN_T *v = dz + r * oa + c * oc;
                 CBN_T mu_hi = p[c], scale = p[ps + c], shift = p[2 * ps + c];
+                const CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;
+                if (dz == NULL) {
+                    CBN_FN(cbn_relu_sums_run)(q, u, n, mu_hi, scale, shift, low, mu[c], a_dy, a_dy_xmu);
+                    continue;
+                }
+                CBN_T *v = dz + r * oa + c * oc;
                 if (contiguous && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
-                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, mu_hi, scale, shift,
-                                              act == CBN_RELU ? (CBN_T)0 : slope, mu[c], a_dy, a_dy_xmu);
+                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, mu_hi, scale, shift, low, mu[c], a_dy, a_dy_xmu);
                     continue;
                 }
                 if (contiguous)
@@ -349,6 +369,36 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
                 for (ptrdiff_t i = 0; i < n; i++)
                     v[i * so] = ((q[i * sd] - dy_mean) - (u[i * sx] - mu_hi) * c_xmu) * k_dy;
         }
+    }
+    if (stream)
+        cbn_stream_fence();
+}
+
+/* cbn_group_grad of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope) on contiguous runs, the
+ * slope recomputed from x (CBN_RELU_GRAD_LOOP) instead of dz stored by the sums pass and read back:
+ * dx can then stream, where a stored dz would have dirtied its lines.  p holds 6 rows (mu_hi,
+ * dy_mean, c_xmu, k_dy, and the affine scale and shift) of ps values, one per channel. */
+CBN_INLINE void CBN_FN(cbn_relu_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *p,
+                                              ptrdiff_t ps, CBN_T low)
+{
+    CBN_RELU_GRAD_LOOP(k, low, w[i], q[i], u[i], p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps], p[5 * ps]);
+}
+
+CBN_CLONES static void CBN_FN(cbn_group_relu_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, const CBN_T *x,
+                                                   ptrdiff_t xa, ptrdiff_t xc, CBN_T *dx, ptrdiff_t oa,
+                                                   ptrdiff_t oc, ptrdiff_t m, ptrdiff_t g, ptrdiff_t n,
+                                                   const CBN_T *p, ptrdiff_t ps, CBN_T low, int stream)
+{
+    for (ptrdiff_t r = 0; r < m; r++) {
+        if (stream) {
+            CBN_STREAM_ROWS(dx + r * oa, oc, g, n, c,
+                            CBN_FN(cbn_relu_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k,
+                                                       p + c, ps, low));
+            continue;
+        }
+        for (ptrdiff_t c = 0; c < g; c++)
+            CBN_FN(cbn_relu_grad_span)(dx + r * oa + c * oc, dy + r * da + c * dc, x + r * xa + c * xc, n, p + c,
+                                       ps, low);
     }
     if (stream)
         cbn_stream_fence();
@@ -626,18 +676,7 @@ CBN_INLINE void CBN_FN(cbn_cols_relu_grad_span)(CBN_T *w, const CBN_T *q, const 
 {
     const CBN_T *mu_hi = p, *dy_mean = p + ps, *c_xmu = p + 2 * ps, *k_dy = p + 3 * ps;
     const CBN_T *scale = p + 4 * ps, *shift = p + 5 * ps;
-    const CBN_T slope_of[2] = {low, (CBN_T)1};
-    ptrdiff_t i = 0;
-    for (; i < CBN_VECTOR_PART(k); i++) {
-        CBN_T t = u[i] - mu_hi[i];
-        CBN_T d = q[i] * CBN_RELU_SLOPE(t * scale[i] + shift[i], low);
-        w[i] = ((d - dy_mean[i]) - t * c_xmu[i]) * k_dy[i];
-    }
-    for (; i < k; i++) {  /* the slope from a table: a branch on the sign of z would mispredict */
-        CBN_T t = u[i] - mu_hi[i];
-        CBN_T d = q[i] * slope_of[t * scale[i] + shift[i] > 0];
-        w[i] = ((d - dy_mean[i]) - t * c_xmu[i]) * k_dy[i];
-    }
+    CBN_RELU_GRAD_LOOP(k, low, w[i], q[i], u[i], mu_hi[i], dy_mean[i], c_xmu[i], k_dy[i], scale[i], shift[i]);
 }
 
 /* cbn_cols_grad through ReLU or leaky ReLU (cbn_cols_relu_grad_span), contiguous rows */
