@@ -62,7 +62,8 @@
  * stores bound the loop where a 512-bit store takes two cycles (AMD Zen 4: NC 4096x1024 training
  * 0.76-0.85, backward 0.86 of the time; NHWC 100352x64 training 0.71-0.85).  Rows of 512 B to 2 KiB
  * read interleaved defeat the hardware prefetchers: they took up to 1.7x as long, with software
- * prefetches too. */
+ * prefetches too.  That is memory's effect: arrays small enough to be in cache take CBN_ROWS rows
+ * at a time at any distance (the loops' `cached`). */
 #define CBN_ROWS 4
 static inline int cbn_rows_at_once(ptrdiff_t da, ptrdiff_t xa, size_t size)
 {

@@ -429,9 +429,11 @@ CBN_INLINE void CBN_FN(cbn_cols_dev_rows)(double *dev, double *sq, const CBN_T *
 
 /* Per channel: mean and M2 = sum((x - mean)**2) of the m rows, written to mean[i] and m2[i]: as
  * cbn_group_stats, one pass of deviations from the first row, and a second from the mean for the
- * channels where that could cancel (the rows are small enough to stay in cache). */
+ * channels where that could cancel (the rows are small enough to stay in cache).  cached: the
+ * caller's arrays are small enough to be in cache, where CBN_ROWS rows at a time pay whatever
+ * their distance (cbn_rows_at_once judges rows read from memory). */
 CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
-                                              double *mean, double *m2)
+                                              int cached, double *mean, double *m2)
 {
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         const CBN_T *xc = x + c0 * sx;
@@ -443,7 +445,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_stats)(const CBN_T *x, ptrdiff_t xa, ptrd
             dev[i] = sq[i] = 0;
         }
         ptrdiff_t r = 0;
-        if (sx == 1 && cbn_rows_at_once(xa, xa, sizeof(CBN_T)))
+        if (sx == 1 && (cached || cbn_rows_at_once(xa, xa, sizeof(CBN_T))))
             for (; r + CBN_ROWS <= m; r += CBN_ROWS)
                 CBN_FN(cbn_cols_dev_rows)(dev, sq, xc + r * xa, xa, 1, k, w, CBN_ROWS);
         for (; r < m; r++)
@@ -506,9 +508,10 @@ CBN_INLINE void CBN_FN(cbn_cols_relu_acc_rows)(double *acc_dy, double *acc_dy_xm
     }
 }
 
-/* Per channel: sum_dy[i] = sum(dy), sum_dy_xmu[i] = sum(dy * (x - mu[i])) over the m rows. */
+/* Per channel: sum_dy[i] = sum(dy), sum_dy_xmu[i] = sum(dy * (x - mu[i])) over the m rows (cached
+ * as for cbn_cols_stats). */
 CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
-                                                  ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n,
+                                                  ptrdiff_t xa, ptrdiff_t sx, ptrdiff_t m, ptrdiff_t n, int cached,
                                                   const double *mu, double *sum_dy, double *sum_dy_xmu)
 {
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
@@ -517,7 +520,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (sd == 1 && sx == 1 && cbn_rows_at_once(da, xa, sizeof(CBN_T)))
+        if (sd == 1 && sx == 1 && (cached || cbn_rows_at_once(da, xa, sizeof(CBN_T))))
             for (; r + CBN_ROWS <= m; r += CBN_ROWS)
                 CBN_FN(cbn_cols_acc_rows)(acc_dy, acc_dy_xmu, dy + r * da + c0, da, 1, x + r * xa + c0, xa, 1,
                                           mu + c0, w, CBN_ROWS);
@@ -540,9 +543,9 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad_sums)(const CBN_T *dy, ptrdiff_t da,
  * sums only, in one loop (cbn_cols_relu_grad recomputes dz in the dx pass). */
 CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t sd, const CBN_T *x,
                                                       ptrdiff_t xa, ptrdiff_t sx, CBN_T *dz, ptrdiff_t oa,
-                                                      ptrdiff_t so, ptrdiff_t m, ptrdiff_t n, const CBN_T *p,
-                                                      ptrdiff_t ps, int act, CBN_T slope, const double *mu,
-                                                      double *sum_dy, double *sum_dy_xmu)
+                                                      ptrdiff_t so, ptrdiff_t m, ptrdiff_t n, int cached,
+                                                      const CBN_T *p, ptrdiff_t ps, int act, CBN_T slope,
+                                                      const double *mu, double *sum_dy, double *sum_dy_xmu)
 {
     for (ptrdiff_t c0 = 0; c0 < n; c0 += CBN_COLS) {
         ptrdiff_t w = n - c0 < CBN_COLS ? n - c0 : CBN_COLS;
@@ -552,7 +555,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_act_grad_sums)(const CBN_T *dy, ptrdiff_t
         for (ptrdiff_t i = 0; i < w; i++)
             acc_dy[i] = acc_dy_xmu[i] = 0;
         ptrdiff_t r = 0;
-        if (dz == NULL && cbn_rows_at_once(da, xa, sizeof(CBN_T)))
+        if (dz == NULL && (cached || cbn_rows_at_once(da, xa, sizeof(CBN_T))))
             for (; r + CBN_ROWS <= m; r += CBN_ROWS)
                 CBN_FN(cbn_cols_relu_acc_rows)(acc_dy, acc_dy_xmu, dy + r * da + c0, da, x + r * xa + c0, xa, mu_hi,
                                                scale, shift, low, mu + c0, w, CBN_ROWS);
