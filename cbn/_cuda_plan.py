@@ -45,7 +45,7 @@ def name_expressions(dtype):
         f"cbn_train_channel<{t}, {vals}>",
         f"cbn_backward_channel<{t}, {vals}>",
         *(f"cbn_reduce_rows<{t}, {mode}, {vec}>" for mode, width in widths for vec in sorted({1, width})),
-        *(f"cbn_reduce_cols<{t}, {mode}, 1>" for mode in (0, 1)),
+        *(f"cbn_reduce_cols<{t}, {mode}>" for mode in (0, 1)),
         f"cbn_finish_channels<{t}, 0>",
         f"cbn_finish_channels<{t}, 1>",
         *(f"cbn_{kind}<{t}, {vec}>" for kind in ("normalize", "backward_elemt") for vec in vecs),
@@ -61,7 +61,7 @@ class ReducePlan(NamedTuple):
     span: int  # vectors (rows kernel) or rows (cols kernel) per chunk
     n_chunks: int
     partials: int  # partial sums per channel
-    vec: int  # values per vector (VEC)
+    vec: int  # values per vector (VEC; 1 for the cols kernel, which takes element accesses)
 
 
 class ElementwisePlan(NamedTuple):

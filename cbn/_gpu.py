@@ -68,14 +68,14 @@ class _Launcher:
         p = plan.reduce_plan(A, C, B, self.vecs[mode])
         part = cupy.empty(2 * C * p.partials, dtype=_F64)
         out, out_w = cupy.empty((rows, C), dtype=_F64), cupy.empty((rows, C), dtype=self.work)
-        split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks), _aligned(x, dy), np.int32(act[0]),
-                 np.float64(act[1]), part)
+        split = (*channels, *_i64(A, C, B, p.span), np.int32(p.n_chunks))
+        act_args = (np.int32(act[0]), np.float64(act[1]), part)
         results = (np.float64(A * B), out, out_w, *_running_args(running, x))
         if p.by_rows:
             self.kernels[f"cbn_reduce_rows<{self.t}, {mode}, {p.vec}>"](
-                p.grid, p.block, (x, dy, *split, _counters(C), *results))
-        else:
-            self.kernels[f"cbn_reduce_cols<{self.t}, {mode}, {p.vec}>"](p.grid, p.block, (x, dy, *split))
+                p.grid, p.block, (x, dy, *split, _aligned(x, dy), *act_args, _counters(C), *results))
+        else:  # element accesses
+            self.kernels[f"cbn_reduce_cols<{self.t}, {mode}>"](p.grid, p.block, (x, dy, *split, *act_args))
             self.kernels[f"cbn_finish_channels<{self.t}, {mode}>"](
                 (C,), (plan.THREADS,), (x, *channels, *_i64(C, B, p.partials), part, *results))
         return out, out_w

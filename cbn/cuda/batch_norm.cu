@@ -508,79 +508,61 @@ __global__ void cbn_reduce_rows(const T *__restrict__ x, const T *__restrict__ d
 
 #define CBN_SPLIT_THREADS 256  // the block of the split kernels (THREADS in _cuda_plan.py)
 
-// Per-column sums, for channels whose values come in short runs (B < 32; B == 1 for NC and NHWC),
-// in vectors of VEC columns (Q = C * B a multiple of VEC): thread (tx, ty) of block (gx, gy), blocks
-// of (BX, BY) threads, sums columns q = (gx * BX + tx) * VEC + i, i < VEC, over rows gy * rows + ty,
-// + BY, ... below (gy + 1) * rows, into partial q * n_chunks + gy: channel c's B * n_chunks partials
-// follow each other from c * B * n_chunks, for cbn_finish_channels.  Grid: (ceil(Q / VEC / BX), n_chunks).
-template <typename T, int MODE, int VEC>
+// Per-column sums, for channels whose values come in short runs (B < 32; B == 1 for NC and NHWC), an
+// element access per value (16-byte columns measured slower: see reduce_plan in _cuda_plan.py):
+// thread (tx, ty) of block (gx, gy), blocks of (BX, BY) threads, sums column q = gx * BX + tx over
+// rows gy * rows + ty, + BY, ... below (gy + 1) * rows, into partial q * n_chunks + gy: channel c's
+// B * n_chunks partials follow each other from c * B * n_chunks, for cbn_finish_channels.
+// Grid: (ceil(C * B / BX), n_chunks).
+template <typename T, int MODE>
 __global__ void __launch_bounds__(CBN_SPLIT_THREADS)
     cbn_reduce_cols(const T *__restrict__ x, const T *__restrict__ dy, CBN_CHANNEL_PARAMS, long long A, long long C,
-                    long long B, long long rows, int n_chunks, int aligned, int act, double slope,
-                    double *__restrict__ part)
+                    long long B, long long rows, int n_chunks, int act, double slope, double *__restrict__ part)
 {
     typedef typename cbn_work<T>::type W;
     enum { U = 4 };  // rows in flight per thread
-    __shared__ double shared[2][CBN_SPLIT_THREADS * VEC];
+    __shared__ double shared[2][CBN_SPLIT_THREADS];
     const long long Q = C * B;
-    const long long q = ((long long)blockIdx.x * blockDim.x + threadIdx.x) * VEC;
-    const bool active = q < Q;  // all VEC columns (Q is a multiple of VEC)
+    const long long q = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const bool active = q < Q;
     const cbn_channels ch = CBN_CHANNEL_ARGS;
-    double s1[VEC], s2[VEC];
-#pragma unroll
-    for (int i = 0; i < VEC; i++)
-        s1[i] = s2[i] = 0.0;
+    double s1 = 0.0, s2 = 0.0;
     if (active) {
-        long long c[VEC];
-        cbn_column_channels<VEC>(q, B, c);
-        cbn_term<T, MODE> term[VEC];
-        cbn_term<T, MODE>::template of<VEC>(x, ch, c, B, act, slope, term);
+        const cbn_term<T, MODE> term(x, ch, q / B, B, act, slope);
         const long long end = cbn_min(A, (blockIdx.y + 1) * rows), step = blockDim.y;
-        W v[U][VEC], g[U][VEC];
+        W v[U], g[U];
         for (long long r = blockIdx.y * rows + threadIdx.y; r < end; r += U * step) {
 #pragma unroll
             for (int u = 0; u < U; u++) {
                 if (r + u * step < end) {
-                    cbn_load_vec<T, VEC>(x + (r + u * step) * Q + q, v[u], aligned);
+                    v[u] = cbn_load(x + (r + u * step) * Q + q);
                     if (MODE == 1)
-                        cbn_load_vec<T, VEC>(dy + (r + u * step) * Q + q, g[u], aligned);
+                        g[u] = cbn_load(dy + (r + u * step) * Q + q);
                 }
             }
 #pragma unroll
             for (int u = 0; u < U; u++) {
-                if (r + u * step < end) {
-#pragma unroll
-                    for (int i = 0; i < VEC; i++)
-                        term[i].add(v[u][i], MODE == 1 ? g[u][i] : W(0), s1[i], s2[i]);
-                }
+                if (r + u * step < end)
+                    term.add(v[u], MODE == 1 ? g[u] : W(0), s1, s2);
             }
         }
     }
-    // the block's rows summed in a fixed tree order; shared[.][ty * BX * VEC + tx * VEC + i]
-    const int width = blockDim.x * VEC, at = threadIdx.y * width + threadIdx.x * VEC;
-#pragma unroll
-    for (int i = 0; i < VEC; i++) {
-        shared[0][at + i] = s1[i];
-        shared[1][at + i] = s2[i];
-    }
+    // the block's rows summed in a fixed tree order; shared[.][ty * BX + tx]
+    const int at = threadIdx.y * blockDim.x + threadIdx.x;
+    shared[0][at] = s1;
+    shared[1][at] = s2;
     __syncthreads();
     for (int half = blockDim.y >> 1; half > 0; half >>= 1) {
         if ((int)threadIdx.y < half) {
-#pragma unroll
-            for (int i = 0; i < VEC; i++) {
-                shared[0][at + i] += shared[0][at + half * width + i];
-                shared[1][at + i] += shared[1][at + half * width + i];
-            }
+            shared[0][at] += shared[0][at + half * blockDim.x];
+            shared[1][at] += shared[1][at + half * blockDim.x];
         }
         __syncthreads();
     }
     if (threadIdx.y == 0 && active) {
-#pragma unroll
-        for (int i = 0; i < VEC; i++) {
-            const long long p = (q + i) * n_chunks + blockIdx.y;
-            part[2 * p] = shared[0][at + i];
-            part[2 * p + 1] = shared[1][at + i];
-        }
+        const long long p = q * n_chunks + blockIdx.y;
+        part[2 * p] = shared[0][at];
+        part[2 * p + 1] = shared[1][at];
     }
 }
 
