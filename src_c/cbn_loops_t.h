@@ -22,32 +22,39 @@
  * function of its own (inlined into the nested loops, GCC no longer
  * vectorizes it). */
 
-/* dev += x - k and sq += (x - k)**2 over one run, in double */
+/* dev += x - k and sq += (x - k)**2 over `runs` runs of n values (xa apart), in double, as
+ * cbn_grad_run */
 CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RESTRICT x, ptrdiff_t n, ptrdiff_t s,
-                                                            double k, cbn_acc *CBN_RESTRICT dev,
-                                                            cbn_acc *CBN_RESTRICT sq)
+                                                            ptrdiff_t runs, ptrdiff_t xa, double k,
+                                                            cbn_acc *CBN_RESTRICT dev, cbn_acc *CBN_RESTRICT sq)
 {
     double acc_dev[CBN_LANES], acc_sq[CBN_LANES];
-    double tail_dev = 0, tail_sq = 0;  /* plain scalars: indexing the lanes here would keep them out of registers */
+    double tail_dev = dev->tail, tail_sq = sq->tail;  /* plain scalars: indexing the lanes here would keep them
+                                                       * out of registers */
     memcpy(acc_dev, dev->lane, sizeof acc_dev);
     memcpy(acc_sq, sq->lane, sizeof acc_sq);
-    ptrdiff_t i = 0;
-    if (s == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++) {
-                double d = x[i + j] - k;
-                acc_dev[j] += d;
-                acc_sq[j] += d * d;
-            }
-    for (; i < n; i++) {
-        double d = x[i * s] - k;
-        tail_dev += d;
-        tail_sq += d * d;
+    for (ptrdiff_t r = 0; r < runs; r++, x += xa) {
+        double run_dev = 0, run_sq = 0;  /* a run's tail, added to the total as one term */
+        ptrdiff_t i = 0;
+        if (s == 1)
+            for (; i + CBN_LANES <= n; i += CBN_LANES)
+                for (int j = 0; j < CBN_LANES; j++) {
+                    double d = x[i + j] - k;
+                    acc_dev[j] += d;
+                    acc_sq[j] += d * d;
+                }
+        for (; i < n; i++) {
+            double d = x[i * s] - k;
+            run_dev += d;
+            run_sq += d * d;
+        }
+        tail_dev += run_dev;
+        tail_sq += run_sq;
     }
     memcpy(dev->lane, acc_dev, sizeof acc_dev);
     memcpy(sq->lane, acc_sq, sizeof acc_sq);
-    dev->tail += tail_dev;
-    sq->tail += tail_sq;
+    dev->tail = tail_dev;
+    sq->tail = tail_sq;
 }
 
 /* Per channel c: mean[c] and M2 m2[c] = sum((x - mean)**2), in one pass over the data: the sums of
@@ -58,23 +65,25 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
                                                ptrdiff_t g, ptrdiff_t n, double *mean, double *m2)
 {
     const double count = (double)m * (double)n;
+    const ptrdiff_t most = cbn_runs_at_once(n, sizeof(CBN_T));
     for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
         const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
         const CBN_T *xg = x + c0 * xc;
         cbn_acc dev[CBN_CHANNELS], sq[CBN_CHANNELS];
         memset(dev, 0, sizeof dev);
         memset(sq, 0, sizeof sq);
-        for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t r = 0; r < m; r += most) {
+            const ptrdiff_t runs = m - r < most ? m - r : most;
             for (ptrdiff_t c = 0; c < w; c++)
-                CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, xg[c * xc], &dev[c], &sq[c]);
+                CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, runs, xa, xg[c * xc], &dev[c], &sq[c]);
+        }
         for (ptrdiff_t c = 0; c < w; c++) {
             double k = xg[c * xc], d = cbn_acc_total(&dev[c]), q = cbn_acc_total(&sq[c]);
             if (!cbn_shift_holds(count, d, q)) {
                 k += d / count;
                 memset(&dev[c], 0, sizeof dev[c]);
                 memset(&sq[c], 0, sizeof sq[c]);
-                for (ptrdiff_t r = 0; r < m; r++)
-                    CBN_FN(cbn_shifted_run)(xg + r * xa + c * xc, n, s, k, &dev[c], &sq[c]);
+                CBN_FN(cbn_shifted_run)(xg + c * xc, n, s, m, xa, k, &dev[c], &sq[c]);
                 d = cbn_acc_total(&dev[c]);
                 q = cbn_acc_total(&sq[c]);
             }
@@ -83,85 +92,100 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
     }
 }
 
-/* sum_dy += dy and sum_dy_xmu += dy * (x - mu) over one run, in double */
+/* sum_dy += dy and sum_dy_xmu += dy * (x - mu) over `runs` runs of n values (da and xa apart), one
+ * after the other, in double: the accumulators are loaded and stored once for all of them */
 CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd,
                                                          const CBN_T *CBN_RESTRICT x, ptrdiff_t sx, ptrdiff_t n,
-                                                         double mu, cbn_acc *CBN_RESTRICT sum_dy,
+                                                         ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa, double mu,
+                                                         cbn_acc *CBN_RESTRICT sum_dy,
                                                          cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
-    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = 0, tail_dy_xmu = 0;
+    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = sum_dy->tail, tail_dy_xmu = sum_dy_xmu->tail;
     memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
     memcpy(acc_dy_xmu, sum_dy_xmu->lane, sizeof acc_dy_xmu);
-    ptrdiff_t i = 0;
-    if (sd == 1 && sx == 1)
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
-            for (int j = 0; j < CBN_LANES; j++) {
-                double g = dy[i + j];
-                acc_dy[j] += g;
-                acc_dy_xmu[j] += g * (x[i + j] - mu);
-            }
-    for (; i < n; i++) {
-        double g = dy[i * sd];
-        tail_dy += g;
-        tail_dy_xmu += g * (x[i * sx] - mu);
+    for (ptrdiff_t r = 0; r < runs; r++, dy += da, x += xa) {
+        double run_dy = 0, run_dy_xmu = 0;  /* a run's tail, added to the total as one term */
+        ptrdiff_t i = 0;
+        if (sd == 1 && sx == 1)
+            for (; i + CBN_LANES <= n; i += CBN_LANES)
+                for (int j = 0; j < CBN_LANES; j++) {
+                    double g = dy[i + j];
+                    acc_dy[j] += g;
+                    acc_dy_xmu[j] += g * (x[i + j] - mu);
+                }
+        for (; i < n; i++) {
+            double g = dy[i * sd];
+            run_dy += g;
+            run_dy_xmu += g * (x[i * sx] - mu);
+        }
+        tail_dy += run_dy;
+        tail_dy_xmu += run_dy_xmu;
     }
     memcpy(sum_dy->lane, acc_dy, sizeof acc_dy);
     memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
-    sum_dy->tail += tail_dy;
-    sum_dy_xmu->tail += tail_dy_xmu;
+    sum_dy->tail = tail_dy;
+    sum_dy_xmu->tail = tail_dy_xmu;
 }
 
 /* cbn_grad_run of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = (x - mu_hi) *
  * scale + shift, for contiguous runs: one loop and one read of dy and x instead of two.  dz is
- * stored on the way, or not (dz NULL: the dx pass recomputes it).  The same lanes and order as
- * cbn_grad_run on dz: the same bits.  Not CBN_SLP_ONLY: GCC's SLP vectorizer leaves the double
- * instance scalar, branching on the sign of z (on random data 7x the plain sums' time); the loop
- * vectorizer takes the lanes as they are. */
+ * stored on the way (oa apart), or not (dz NULL: the dx pass recomputes it).  The same lanes and
+ * order as cbn_grad_run on dz: the same bits.  Not CBN_SLP_ONLY: GCC's SLP vectorizer leaves the
+ * double instance scalar, branching on the sign of z (on random data 7x the plain sums' time); the
+ * loop vectorizer takes the lanes as they are. */
 CBN_INLINE void CBN_FN(cbn_relu_sums_body)(const CBN_T *CBN_RESTRICT dy, const CBN_T *CBN_RESTRICT x,
-                                           CBN_T *CBN_RESTRICT dz, ptrdiff_t n, CBN_T mu_hi, CBN_T scale,
-                                           CBN_T shift, CBN_T low, double mu, cbn_acc *CBN_RESTRICT sum_dy,
+                                           CBN_T *CBN_RESTRICT dz, ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da,
+                                           ptrdiff_t xa, ptrdiff_t oa, CBN_T mu_hi, CBN_T scale, CBN_T shift,
+                                           CBN_T low, double mu, cbn_acc *CBN_RESTRICT sum_dy,
                                            cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
-    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = 0, tail_dy_xmu = 0;
+    double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = sum_dy->tail, tail_dy_xmu = sum_dy_xmu->tail;
     memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
     memcpy(acc_dy_xmu, sum_dy_xmu->lane, sizeof acc_dy_xmu);
-    ptrdiff_t i = 0;
-    for (; i + CBN_LANES <= n; i += CBN_LANES)
-        for (int j = 0; j < CBN_LANES; j++) {
-            CBN_T v = x[i + j];
-            CBN_T g = dy[i + j] * CBN_RELU_SLOPE((v - mu_hi) * scale + shift, low);
-            if (dz != NULL)
-                dz[i + j] = g;
-            acc_dy[j] += g;
-            acc_dy_xmu[j] += g * (v - mu);
-        }
     const CBN_T slope_of[2] = {low, (CBN_T)1};  /* the tail's slope by table, not by a branch */
-    for (; i < n; i++) {
-        CBN_T v = x[i];
-        CBN_T g = dy[i] * slope_of[(v - mu_hi) * scale + shift > 0];
-        if (dz != NULL)
-            dz[i] = g;
-        tail_dy += g;
-        tail_dy_xmu += g * (v - mu);
+    for (ptrdiff_t r = 0; r < runs; r++, dy += da, x += xa, dz = dz != NULL ? dz + oa : NULL) {
+        double run_dy = 0, run_dy_xmu = 0;  /* a run's tail, added to the total as one term */
+        ptrdiff_t i = 0;
+        for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (int j = 0; j < CBN_LANES; j++) {
+                CBN_T v = x[i + j];
+                CBN_T g = dy[i + j] * CBN_RELU_SLOPE((v - mu_hi) * scale + shift, low);
+                if (dz != NULL)
+                    dz[i + j] = g;
+                acc_dy[j] += g;
+                acc_dy_xmu[j] += g * (v - mu);
+            }
+        for (; i < n; i++) {
+            CBN_T v = x[i];
+            CBN_T g = dy[i] * slope_of[(v - mu_hi) * scale + shift > 0];
+            if (dz != NULL)
+                dz[i] = g;
+            run_dy += g;
+            run_dy_xmu += g * (v - mu);
+        }
+        tail_dy += run_dy;
+        tail_dy_xmu += run_dy_xmu;
     }
     memcpy(sum_dy->lane, acc_dy, sizeof acc_dy);
     memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
-    sum_dy->tail += tail_dy;
-    sum_dy_xmu->tail += tail_dy_xmu;
+    sum_dy->tail = tail_dy;
+    sum_dy_xmu->tail = tail_dy_xmu;
 }
 
 CBN_CLONES static void CBN_FN(cbn_relu_grad_run)(const CBN_T *dy, const CBN_T *x, CBN_T *dz, ptrdiff_t n,
-                                                              CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low,
-                                                              double mu, cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
+                                                 ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa, ptrdiff_t oa,
+                                                 CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low, double mu,
+                                                 cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
 {
-    CBN_FN(cbn_relu_sums_body)(dy, x, dz, n, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
+    CBN_FN(cbn_relu_sums_body)(dy, x, dz, n, runs, da, xa, oa, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
 }
 
-CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *dy, const CBN_T *x, ptrdiff_t n,
-                                                              CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low,
-                                                              double mu, cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
+CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *dy, const CBN_T *x, ptrdiff_t n, ptrdiff_t runs,
+                                                 ptrdiff_t da, ptrdiff_t xa, CBN_T mu_hi, CBN_T scale,
+                                                 CBN_T shift, CBN_T low, double mu, cbn_acc *sum_dy,
+                                                 cbn_acc *sum_dy_xmu)
 {
-    CBN_FN(cbn_relu_sums_body)(dy, x, NULL, n, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
+    CBN_FN(cbn_relu_sums_body)(dy, x, NULL, n, runs, da, xa, 0, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
 }
 
 /* Per-channel work, one loop each that vectorizes (a small call spends much of its time here):
@@ -291,38 +315,43 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
                                                        ptrdiff_t ps, int act, CBN_T slope, const double *mu,
                                                        double *sum_dy, double *sum_dy_xmu)
 {
-    const int contiguous = sd == 1 && sx == 1 && so == 1;
+    const int contiguous = sd == 1 && sx == 1 && so == 1, relu = act == CBN_RELU || act == CBN_LEAKY_RELU;
+    const CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* ReLU's and leaky ReLU's slope below 0 */
+    /* several rows' runs per call where one loop takes a run (the other activations take two) */
+    const ptrdiff_t most = act == CBN_IDENTITY || (relu && contiguous) ? cbn_runs_at_once(n, sizeof(CBN_T)) : 1;
     for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
         const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
         cbn_acc acc_dy[CBN_CHANNELS], acc_dy_xmu[CBN_CHANNELS];
         memset(acc_dy, 0, sizeof acc_dy);
         memset(acc_dy_xmu, 0, sizeof acc_dy_xmu);
-        for (ptrdiff_t r = 0; r < m; r++)
+        for (ptrdiff_t r = 0; r < m; r += most) {
+            const ptrdiff_t k = m - r < most ? m - r : most;
             for (ptrdiff_t c = c0; c < c0 + w; c++) {
                 const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
                 cbn_acc *a_dy = &acc_dy[c - c0], *a_dy_xmu = &acc_dy_xmu[c - c0];
                 if (act == CBN_IDENTITY) {
-                    CBN_FN(cbn_grad_run)(q, sd, u, sx, n, mu[c], a_dy, a_dy_xmu);
+                    CBN_FN(cbn_grad_run)(q, sd, u, sx, n, k, da, xa, mu[c], a_dy, a_dy_xmu);
                     continue;
                 }
                 CBN_T mu_hi = p[c], scale = p[ps + c], shift = p[2 * ps + c];
-                const CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;
                 if (dz == NULL) {
-                    CBN_FN(cbn_relu_sums_run)(q, u, n, mu_hi, scale, shift, low, mu[c], a_dy, a_dy_xmu);
+                    CBN_FN(cbn_relu_sums_run)(q, u, n, k, da, xa, mu_hi, scale, shift, low, mu[c], a_dy, a_dy_xmu);
                     continue;
                 }
                 CBN_T *v = dz + r * oa + c * oc;
-                if (contiguous && (act == CBN_RELU || act == CBN_LEAKY_RELU)) {
-                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, mu_hi, scale, shift, low, mu[c], a_dy, a_dy_xmu);
+                if (contiguous && relu) {
+                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, k, da, xa, oa, mu_hi, scale, shift, low, mu[c], a_dy,
+                                              a_dy_xmu);
                     continue;
                 }
-                if (contiguous)
+                if (contiguous)  /* k == 1 from here */
                     CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], (u[i] - mu_hi) * scale + shift, v[i]);
                 else
                     CBN_ACT_GRAD_LOOPS(n, act, slope, q[i * sd], (u[i * sx] - mu_hi) * scale + shift,
                                        v[i * so]);
-                CBN_FN(cbn_grad_run)(v, so, u, sx, n, mu[c], a_dy, a_dy_xmu);
+                CBN_FN(cbn_grad_run)(v, so, u, sx, n, 1, 0, 0, mu[c], a_dy, a_dy_xmu);
             }
+        }
         cbn_add_totals(acc_dy, acc_dy_xmu, w, sum_dy + c0, sum_dy_xmu + c0);
     }
 }
