@@ -16,11 +16,11 @@
 /* The group loops (row mode) walk g channels of m runs of n values: the run
  * of channel c in row r starts at x + r * xa + c * xc, its values are s
  * apart.  They go in memory order (r outer, c inner), CBN_CHANNELS channels at
- * a time.  Sums keep per channel CBN_LANES lane accumulators and a scalar
- * (cbn_acc) across the channel's runs, summed by a fixed tree once at its end
- * (a tree per run costs as much as a run of 196 values); a run is added by a
- * function of its own (inlined into the nested loops, GCC no longer
- * vectorizes it). */
+ * a time (sums over short runs: CBN_RUNS rows of runs per channel).  Sums keep
+ * per channel CBN_LANES lane accumulators and a scalar (cbn_acc) across the
+ * channel's runs, summed by a fixed tree once at its end (a tree per run costs
+ * as much as a run of 196 values); runs are added by a function of their own
+ * (inlined into the nested loops, GCC no longer vectorizes it). */
 
 /* dev += x - k and sq += (x - k)**2 over `runs` runs of n values (xa apart), in double, as
  * cbn_grad_run */
