@@ -150,19 +150,12 @@ cdef extern from "cbn_loops.h" nogil:
     void group_grad_f "cbn_group_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd, const float *x,
                                          Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, float *dx, Py_ssize_t oa,
                                          Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
-                                         const float *p, Py_ssize_t ps, int stream)
+                                         const float *p, Py_ssize_t ps, int relu, float low, int stream)
     void group_grad_d "cbn_group_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, Py_ssize_t sd,
                                          const double *x, Py_ssize_t xa, Py_ssize_t xc, Py_ssize_t sx, double *dx,
                                          Py_ssize_t oa, Py_ssize_t oc, Py_ssize_t so, Py_ssize_t m, Py_ssize_t g,
-                                         Py_ssize_t n, const double *p, Py_ssize_t ps, int stream)
-    void group_relu_grad_f "cbn_group_relu_grad_f"(const float *dy, Py_ssize_t da, Py_ssize_t dc, const float *x,
-                                                   Py_ssize_t xa, Py_ssize_t xc, float *dx, Py_ssize_t oa,
-                                                   Py_ssize_t oc, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
-                                                   const float *p, Py_ssize_t ps, float low, int stream)
-    void group_relu_grad_d "cbn_group_relu_grad_d"(const double *dy, Py_ssize_t da, Py_ssize_t dc, const double *x,
-                                                   Py_ssize_t xa, Py_ssize_t xc, double *dx, Py_ssize_t oa,
-                                                   Py_ssize_t oc, Py_ssize_t m, Py_ssize_t g, Py_ssize_t n,
-                                                   const double *p, Py_ssize_t ps, double low, int stream)
+                                         Py_ssize_t n, const double *p, Py_ssize_t ps, int relu, double low,
+                                         int stream)
     void cols_stats_f "cbn_cols_stats_f"(const float *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
                                          int cached, double *mean, double *m2)
     void cols_stats_d "cbn_cols_stats_d"(const double *x, Py_ssize_t xa, Py_ssize_t sx, Py_ssize_t m, Py_ssize_t n,
@@ -431,7 +424,7 @@ cdef inline void group_act_grad_sums(const View *dy, const View *x, const View *
     """dz = dy * act'(z) run by run into dz, and the sums of dz as group_grad_sums.
 
     dz NULL: the sums only, for ReLU and leaky ReLU on contiguous runs (whose
-    dz group_relu_grad recomputes)."""
+    dz group_grad recomputes)."""
     cdef floating *kind = NULL
     cdef floating *out = NULL if dz == NULL else at(dz, t.a0, t.c0, t.b0, kind)
     cdef Py_ssize_t oa = 0 if dz == NULL else dz.sa
@@ -447,34 +440,25 @@ cdef inline void group_act_grad_sums(const View *dy, const View *x, const View *
                               t.c1 - t.c0, t.b1 - t.b0, p, ps, act.code, act.slope, mu, sum_dy, sum_dy_xmu)
 
 
+cdef inline double relu_low(const Act *relu) noexcept nogil:
+    """The slope below 0 of the dx passes' ReLU (code 1) or leaky ReLU (code 2)."""
+    return 0.0 if relu.code == 1 else relu.slope
+
+
 cdef inline void group_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
-                            Py_ssize_t ps) noexcept nogil:
-    """p points at channel c0's (mu_hi, dy_mean, c_xmu, k_dy), rows ps apart (cbn_grad_coefs)."""
+                            Py_ssize_t ps, const Act *relu) noexcept nogil:
+    """p points at channel c0's (mu_hi, dy_mean, c_xmu, k_dy), rows ps apart (cbn_grad_coefs); ``relu``
+    set (contiguous runs): dy is taken through ReLU or leaky ReLU, its slope recomputed from x, and p
+    holds 6 rows, set_affine's scale and shift after the 4."""
     cdef floating *kind = NULL
     if floating is float:
         group_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
                      x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
-                     t.b1 - t.b0, p, ps, dx.stream)
+                     t.b1 - t.b0, p, ps, relu.code != 0, <float>relu_low(relu), dx.stream)
     else:
         group_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, dy.sb, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
                      x.sb, at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, dx.sb, t.a1 - t.a0, t.c1 - t.c0,
-                     t.b1 - t.b0, p, ps, dx.stream)
-
-
-cdef inline void group_relu_grad(const View *dy, const View *x, const View *dx, const RowTile *t, const floating *p,
-                                 Py_ssize_t ps, const Act *relu) noexcept nogil:
-    """group_grad of dy taken through ReLU or leaky ReLU, its slope recomputed from x (contiguous runs);
-    p: 6 rows, group_grad's 4 then set_affine's scale and shift."""
-    cdef floating *kind = NULL
-    cdef floating low = 0 if relu.code == 1 else <floating>relu.slope
-    if floating is float:
-        group_relu_grad_f(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
-                          at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p,
-                          ps, low, dx.stream)
-    else:
-        group_relu_grad_d(at(dy, t.a0, t.c0, t.b0, kind), dy.sa, dy.sc, at(x, t.a0, t.c0, t.b0, kind), x.sa, x.sc,
-                          at(dx, t.a0, t.c0, t.b0, kind), dx.sa, dx.sc, t.a1 - t.a0, t.c1 - t.c0, t.b1 - t.b0, p,
-                          ps, low, dx.stream)
+                     t.b1 - t.b0, p, ps, relu.code != 0, relu_low(relu), dx.stream)
 
 
 cdef inline void cols_stats(const View *x, const Grid *g, const ColumnChunk *t, double *mean, double *m2,
@@ -934,16 +918,13 @@ cdef void grad_task(const View *dy, const View *x, const View *dx, const Grid *g
             cols_grad(dy, x, dx, g, &h, p + h.c0, g.C)
     else:
         t = row_tile(g, k)
-        if relu.code:
-            group_relu_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
-        else:
-            group_grad(dy, x, dx, &t, p + t.c0, g.C)
+        group_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
 
 
 cdef inline void cols_relu_grad(const View *dy, const View *x, const View *dx, const ColumnChunk *t,
                                 const floating *p, Py_ssize_t ps, const Act *relu) noexcept nogil:
     cdef floating *kind = NULL
-    cdef floating low = 0 if relu.code == 1 else <floating>relu.slope
+    cdef floating low = <floating>relu_low(relu)
     if floating is float:
         cols_relu_grad_f(chunk_at(dy, t, kind), dy.sa, chunk_at(x, t, kind), x.sa, chunk_at(dx, t, kind), dx.sa,
                          t.r1 - t.r0, t.c1 - t.c0, p, ps, low, dx.stream)
@@ -996,10 +977,7 @@ cdef void backward_group_task(const View *dy, const View *x, const View *dx, con
     else:
         group_grad_sums(dy, x, &t, &mean[t.c0], &sum_dy[t.c0], &sum_dy_xmu[t.c0], kind)
     grad_params(t.c0, t.c1, g.C, <double>g.R, mean, invstd, gamma, sum_dy, sum_dy_xmu, p)
-    if relu.code:
-        group_relu_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
-    else:
-        group_grad(dy, x, dx, &t, p + t.c0, g.C)
+    group_grad(dy, x, dx, &t, p + t.c0, g.C, relu)
 
 
 def backward(const floating[:, :, :] dy,   # IN  (A, C, B)

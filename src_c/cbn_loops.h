@@ -219,37 +219,32 @@ CBN_INLINE double cbn_tanh_d(double v) { return 1.0 - 2.0 / (cbn_exp_d(2.0 * v) 
  * constants, which vectorizes, times dy as in the reference (an inf or NaN dy stays non-finite). */
 #define CBN_RELU_SLOPE(Z, low) ((Z) > 0 ? (CBN_T)1 : (low))
 
-/* OUT = V * CBN_RELU_SLOPE(Z, low) for i in [0, n); the scalar tail takes the slope from a table,
- * the same value without a branch (on the sign of z, which mispredicts) */
-#define CBN_SLOPE_LOOP(n, low, V, Z, OUT)                                                           \
-    do {                                                                                            \
-        const CBN_T slope_of_[2] = {(low), (CBN_T)1};                                               \
-        ptrdiff_t i = 0;                                                                            \
-        for (; i < CBN_VECTOR_PART(n); i++)                                                         \
-            OUT = (V) * CBN_RELU_SLOPE(Z, low);                                                     \
-        for (; i < (n); i++)                                                                        \
-            OUT = (V) * slope_of_[(Z) > 0];                                                         \
-    } while (0)
-
-/* W = ((Q * relu'(z) - DY_MEAN) - t * C_XMU) * K_DY for i in [0, n), where t = U - MU_HI and
- * z = t * SCALE + SHIFT: the gradient through ReLU (low = 0) or leaky ReLU (low = slope), with dz
- * recomputed from x as the sums pass computed it (the same bits as storing it); the scalar tail
- * takes the slope from a table, as CBN_SLOPE_LOOP. */
-#define CBN_RELU_GRAD_LOOP(n, low, W, Q, U, MU_HI, DY_MEAN, C_XMU, K_DY, SCALE, SHIFT)              \
+/* STMT for i in [0, n), with slope_ = CBN_RELU_SLOPE(Z, low), ReLU's (low = 0) or leaky ReLU's
+ * slope at z; the scalar tail takes the slope from a table, the same value without a branch (on the
+ * sign of z, which mispredicts) */
+#define CBN_SLOPE_EACH(n, low, Z, STMT)                                                             \
     do {                                                                                            \
         const CBN_T slope_of_[2] = {(low), (CBN_T)1};                                               \
         ptrdiff_t i = 0;                                                                            \
         for (; i < CBN_VECTOR_PART(n); i++) {                                                       \
-            const CBN_T t_ = (U) - (MU_HI);                                                         \
-            const CBN_T d_ = (Q) * CBN_RELU_SLOPE(t_ * (SCALE) + (SHIFT), low);                     \
-            W = ((d_ - (DY_MEAN)) - t_ * (C_XMU)) * (K_DY);                                         \
+            const CBN_T slope_ = CBN_RELU_SLOPE(Z, low);                                            \
+            STMT;                                                                                   \
         }                                                                                           \
         for (; i < (n); i++) {                                                                      \
-            const CBN_T t_ = (U) - (MU_HI);                                                         \
-            const CBN_T d_ = (Q) * slope_of_[t_ * (SCALE) + (SHIFT) > 0];                           \
-            W = ((d_ - (DY_MEAN)) - t_ * (C_XMU)) * (K_DY);                                         \
+            const CBN_T slope_ = slope_of_[(Z) > 0];                                                \
+            STMT;                                                                                   \
         }                                                                                           \
     } while (0)
+
+/* OUT = V * CBN_RELU_SLOPE(Z, low) for i in [0, n) */
+#define CBN_SLOPE_LOOP(n, low, V, Z, OUT) CBN_SLOPE_EACH(n, low, Z, OUT = (V) * slope_)
+
+/* W = ((Q * relu'(z) - DY_MEAN) - t * C_XMU) * K_DY for i in [0, n), where t = U - MU_HI and
+ * z = t * SCALE + SHIFT: the gradient through ReLU (low = 0) or leaky ReLU (low = slope), with dz
+ * recomputed from x as the sums pass computed it (the same bits as storing it) */
+#define CBN_RELU_GRAD_LOOP(n, low, W, Q, U, MU_HI, DY_MEAN, C_XMU, K_DY, SCALE, SHIFT)              \
+    CBN_SLOPE_EACH(n, low, ((U) - (MU_HI)) * (SCALE) + (SHIFT),                                     \
+                   W = (((Q) * slope_ - (DY_MEAN)) - ((U) - (MU_HI)) * (C_XMU)) * (K_DY))
 
 /* OUT = act(Z) for i in [0, n); ReLU and leaky ReLU in the same loop as Z */
 #define CBN_ACTIVATE_LOOPS(n, act, slope, OUT, Z)                                                   \

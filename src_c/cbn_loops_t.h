@@ -307,7 +307,7 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
  * (z recomputed from x; p as for cbn_group_affine) goes to dz run by run and is summed from L1
  * (ReLU's and leaky ReLU's in the same loop, cbn_relu_grad_run); act CBN_IDENTITY: dz is dy itself,
  * and dz and p are not used.  dz NULL: ReLU or leaky ReLU on contiguous runs, the sums only
- * (cbn_group_relu_grad recomputes dz in the dx pass). */
+ * (cbn_group_grad recomputes dz in the dx pass). */
 CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                                        const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
                                                        CBN_T *dz, ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so,
@@ -375,19 +375,39 @@ CBN_INLINE void CBN_FN(cbn_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, 
         w[i] = ((q[i] - dy_mean) - (u[i] - mu_hi) * c_xmu) * k_dy;
 }
 
+/* One run of dx: cbn_grad_span of channel p's coefficients (rows ps apart), or with relu set its
+ * gradient through ReLU or leaky ReLU (slope `low` below 0, p then holding 6 rows: the affine scale
+ * and shift after the 4): dz = dy * relu'(z) recomputed from x (CBN_RELU_GRAD_LOOP) rather than
+ * stored by the sums pass and read back, so that dx can stream where a stored dz would have dirtied
+ * its lines. */
+CBN_INLINE void CBN_FN(cbn_run_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *p,
+                                             ptrdiff_t ps, int relu, CBN_T low)
+{
+    /* the coefficients in locals: read through p inside the loop, they could alias w */
+    const CBN_T mu_hi = p[0], dy_mean = p[ps], c_xmu = p[2 * ps], k_dy = p[3 * ps];
+    if (relu) {
+        const CBN_T scale = p[4 * ps], shift = p[5 * ps];
+        CBN_RELU_GRAD_LOOP(k, low, w[i], q[i], u[i], mu_hi, dy_mean, c_xmu, k_dy, scale, shift);
+    } else {
+        CBN_FN(cbn_grad_span)(w, q, u, k, mu_hi, dy_mean, c_xmu, k_dy);
+    }
+}
+
 /* dx = ((dy - dy_mean) - (x - mu_hi) * c_xmu) * k_dy per channel; p holds 4 rows (cbn_grad_coefs:
- * mu_hi, dy_mean, c_xmu, k_dy) of ps values, one per channel; stream as for cbn_group_affine. */
+ * mu_hi, dy_mean, c_xmu, k_dy) of ps values, one per channel, or 6 with relu set (contiguous runs
+ * only: cbn_run_grad_span); stream as for cbn_group_affine. */
 CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                               const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx, CBN_T *dx,
                                               ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so, ptrdiff_t m, ptrdiff_t g,
-                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int stream)
+                                              ptrdiff_t n, const CBN_T *p, ptrdiff_t ps, int relu, CBN_T low,
+                                              int stream)
 {
     const int contiguous = sd == 1 && sx == 1 && so == 1;
     for (ptrdiff_t r = 0; r < m; r++) {
         if (stream && contiguous) {
             CBN_STREAM_ROWS(dx + r * oa, oc, g, n, c,
-                            CBN_FN(cbn_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k, p[c],
-                                                  p[ps + c], p[2 * ps + c], p[3 * ps + c]));
+                            CBN_FN(cbn_run_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k,
+                                                      p + c, ps, relu, low));
             continue;
         }
         for (ptrdiff_t c = 0; c < g; c++) {
@@ -395,41 +415,11 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
             CBN_T *v = dx + r * oa + c * oc;
             CBN_T mu_hi = p[c], dy_mean = p[ps + c], c_xmu = p[2 * ps + c], k_dy = p[3 * ps + c];
             if (contiguous)
-                CBN_FN(cbn_grad_span)(v, q, u, n, mu_hi, dy_mean, c_xmu, k_dy);
+                CBN_FN(cbn_run_grad_span)(v, q, u, n, p + c, ps, relu, low);
             else
                 for (ptrdiff_t i = 0; i < n; i++)
                     v[i * so] = ((q[i * sd] - dy_mean) - (u[i * sx] - mu_hi) * c_xmu) * k_dy;
         }
-    }
-    if (stream)
-        cbn_stream_fence();
-}
-
-/* cbn_group_grad of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope) on contiguous runs, the
- * slope recomputed from x (CBN_RELU_GRAD_LOOP) instead of dz stored by the sums pass and read back:
- * dx can then stream, where a stored dz would have dirtied its lines.  p holds 6 rows (mu_hi,
- * dy_mean, c_xmu, k_dy, and the affine scale and shift) of ps values, one per channel. */
-CBN_INLINE void CBN_FN(cbn_relu_grad_span)(CBN_T *w, const CBN_T *q, const CBN_T *u, ptrdiff_t k, const CBN_T *p,
-                                              ptrdiff_t ps, CBN_T low)
-{
-    CBN_RELU_GRAD_LOOP(k, low, w[i], q[i], u[i], p[0], p[ps], p[2 * ps], p[3 * ps], p[4 * ps], p[5 * ps]);
-}
-
-CBN_CLONES static void CBN_FN(cbn_group_relu_grad)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, const CBN_T *x,
-                                                   ptrdiff_t xa, ptrdiff_t xc, CBN_T *dx, ptrdiff_t oa,
-                                                   ptrdiff_t oc, ptrdiff_t m, ptrdiff_t g, ptrdiff_t n,
-                                                   const CBN_T *p, ptrdiff_t ps, CBN_T low, int stream)
-{
-    for (ptrdiff_t r = 0; r < m; r++) {
-        if (stream) {
-            CBN_STREAM_ROWS(dx + r * oa, oc, g, n, c,
-                            CBN_FN(cbn_relu_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k,
-                                                       p + c, ps, low));
-            continue;
-        }
-        for (ptrdiff_t c = 0; c < g; c++)
-            CBN_FN(cbn_relu_grad_span)(dx + r * oa + c * oc, dy + r * da + c * dc, x + r * xa + c * xc, n, p + c,
-                                       ps, low);
     }
     if (stream)
         cbn_stream_fence();
