@@ -263,7 +263,7 @@ CBN_CLONES static void CBN_FN(cbn_group_affine)(const CBN_T *x, ptrdiff_t xa, pt
 {
     for (ptrdiff_t r = 0; r < m; r++) {
         if (stream && sx == 1 && sy == 1) {
-            CBN_STREAM_ROWS(y + r * ya, yc, g, n, c,
+            CBN_STREAM_ROWS(y + r * ya, yc, g, n, 0, c,
                             CBN_FN(cbn_affine_span)(w, x + r * xa + c * xc + i0, k, p[c], p[ps + c], p[2 * ps + c],
                                                     act, slope));
             continue;
@@ -405,7 +405,7 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
     const int contiguous = sd == 1 && sx == 1 && so == 1;
     for (ptrdiff_t r = 0; r < m; r++) {
         if (stream && contiguous) {
-            CBN_STREAM_ROWS(dx + r * oa, oc, g, n, c,
+            CBN_STREAM_ROWS(dx + r * oa, oc, g, n, 0, c,
                             CBN_FN(cbn_run_grad_span)(w, dy + r * da + c * dc + i0, x + r * xa + c * xc + i0, k,
                                                       p + c, ps, relu, low));
             continue;
@@ -623,7 +623,8 @@ CBN_CLONES static void CBN_FN(cbn_cols_affine)(const CBN_T *x, ptrdiff_t xa, ptr
         return;
     }
     if (stream && sx == 1 && sy == 1) {
-        CBN_STREAM_ROWS(y, ya, m, n, r, CBN_FN(cbn_cols_affine_span)(w, x + r * xa + i0, k, p + i0, ps, act, slope));
+        CBN_STREAM_ROWS(y, ya, m, n, 1, r,
+                        CBN_FN(cbn_cols_affine_span)(w, x + r * xa + i0, k, p + i0, ps, act, slope));
         cbn_stream_fence();
         return;
     }
@@ -677,7 +678,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_grad)(const CBN_T *dy, ptrdiff_t da, ptrd
         return;
     }
     if (stream && contiguous) {
-        CBN_STREAM_ROWS(dx, oa, m, n, r,
+        CBN_STREAM_ROWS(dx, oa, m, n, 1, r,
                         CBN_FN(cbn_cols_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, p + i0, ps));
         cbn_stream_fence();
         return;
@@ -715,7 +716,7 @@ CBN_CLONES static void CBN_FN(cbn_cols_relu_grad)(const CBN_T *dy, ptrdiff_t da,
         return;
     }
     if (stream) {
-        CBN_STREAM_ROWS(dx, oa, m, n, r,
+        CBN_STREAM_ROWS(dx, oa, m, n, 1, r,
                         CBN_FN(cbn_cols_relu_grad_span)(w, dy + r * da + i0, x + r * xa + i0, k, p + i0, ps, low));
         cbn_stream_fence();
         return;

@@ -17,6 +17,8 @@
 #include <stdint.h>
 #include <string.h>
 
+/* bytes in a cache line, the unit of a non-temporal store */
+#define CBN_LINE 64
 /* bytes of the L1 buffer an output chunk goes through */
 #define CBN_STREAM_BYTES 4096
 /* shorter runs are stored directly (their partial lines would be most of them) */
@@ -60,23 +62,35 @@ static inline void cbn_stream_copy(void *dst, const void *src, size_t n)
 #if CBN_HAVE_STREAM
     char *d = (char *)dst;
     const char *s = (const char *)src;
-    size_t head = (size_t)(-(uintptr_t)d) & 63;
+    size_t head = (size_t)(-(uintptr_t)d) & (CBN_LINE - 1);
     if (head > n)
         head = n;
     memcpy(d, s, head);
     d += head, s += head, n -= head;
-    size_t lines = n / 64;
+    size_t lines = n / CBN_LINE;
     if (__builtin_cpu_supports("avx512f"))
         cbn_stream_lines_avx512(d, s, lines);
     else if (__builtin_cpu_supports("avx"))
         cbn_stream_lines_avx(d, s, lines);
     else
         cbn_stream_lines_sse2(d, s, lines);
-    d += 64 * lines, s += 64 * lines, n -= 64 * lines;
+    d += CBN_LINE * lines, s += CBN_LINE * lines, n -= CBN_LINE * lines;
     memcpy(d, s, n);
 #else
     memcpy(dst, src, n);
 #endif
+}
+
+/* p rounded up to a line boundary (for a buffer of CBN_LINE - 1 bytes more than it needs) */
+static inline void *cbn_line_up(void *p)
+{
+    return (char *)p + ((size_t)(-(uintptr_t)p) & (CBN_LINE - 1));
+}
+
+/* Values of size t from index `start` to the next line boundary, when index 0 is on one */
+static inline ptrdiff_t cbn_line_rest(ptrdiff_t start, size_t t)
+{
+    return (ptrdiff_t)(((size_t)(-start * (ptrdiff_t)t) & (CBN_LINE - 1)) / t);
 }
 
 /* Values of type size t in the chunk of a run that starts at p: up to `bytes` (at most the buffer's
@@ -84,7 +98,7 @@ static inline void cbn_stream_copy(void *dst, const void *src, size_t n)
  * are partial). */
 static inline ptrdiff_t cbn_stream_chunk(const void *p, ptrdiff_t left, size_t t, size_t bytes)
 {
-    ptrdiff_t k = (ptrdiff_t)((bytes - ((uintptr_t)p & 63)) / t);
+    ptrdiff_t k = (ptrdiff_t)((bytes - ((uintptr_t)p & (CBN_LINE - 1))) / t);
     return k < left ? k : left;
 }
 

@@ -21,7 +21,9 @@ from cbn._machine import cpu_vendor, l3_bytes, parse_size, stream_threshold
 # (shape, channel axis): row mode with runs of 784 B and of 8 KB (chunks
 # across and within runs), column mode with short rows and rows longer than
 # the buffer, channel tiles narrower than a row (rows not contiguous: each
-# its own run), runs below the streaming minimum
+# its own run), whole rows in a tile (2048 rows or more: one run, row starts
+# inside the chunks, where the buffer is shifted), runs below the streaming
+# minimum
 CASES = [
     ((3, 16, 14, 14), 1),
     ((2, 5, 47, 47), 1),
@@ -29,6 +31,7 @@ CASES = [
     ((50, 7, 9, 64), -1),
     ((37, 3000), 1),
     ((9, 300, 70), -1),
+    ((2050, 300), 1),
     ((40, 30, 5), 1),
 ]
 ACTIVATIONS = [None, "relu", "leaky_relu", "tanh"]
