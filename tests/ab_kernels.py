@@ -20,6 +20,19 @@ training forward and the backward (inference is timed without it).
 in place of the installed one: two variants of a constant, say, each built
 with ``pip install --target`` from a copy of the tree.
 
+Where a change moves buffers or loads relative to the arrays, a build's time
+can depend on where the stack starts in a page, which varies from process to
+process (4K aliasing is one way: a load waits for a store in flight whose
+address matches it in the low 12 bits).  Pin it and move it to see that::
+
+    for pad in 1 1500 3100; do
+        P=$(head -c $pad /dev/zero | tr '\0' x) OMP_NUM_THREADS=2 \
+            setarch -R python tests/ab_kernels.py /tmp/old-build float32 8192x1024x1
+    done
+
+(A variant tried for c27a4a8 took 1.01x the old build's time at one offset
+and 1.32x at another.)
+
 ``python tests/ab_kernels.py --stream [dtype] [cases]`` instead compares the
 installed build with itself: plain stores ("old") against non-temporal stores
 forced at every size ("new"), which shows where streaming starts to pay
