@@ -93,8 +93,11 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
 }
 
 /* sum_dy += dy and sum_dy_xmu += dy * (x - mu) over `runs` runs of n values (da and xa apart), one
- * after the other, in double: the accumulators are loaded and stored once for all of them */
-CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd,
+ * after the other, in double: the accumulators are loaded and stored once for all of them.  Not
+ * CBN_SLP_ONLY: for double, GCC's SLP vectorizer left the sum_dy lanes scalar (16 vaddsd per 16
+ * values); the loop vectorizer, given the lane loop rolled (CBN_ROLLED), takes it a vector of lanes
+ * at a time, in the same order: the same bits. */
+CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd,
                                                          const CBN_T *CBN_RESTRICT x, ptrdiff_t sx, ptrdiff_t n,
                                                          ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa, double mu,
                                                          cbn_acc *CBN_RESTRICT sum_dy,
@@ -107,12 +110,14 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRI
         double run_dy = 0, run_dy_xmu = 0;  /* a run's tail, added to the total as one term */
         ptrdiff_t i = 0;
         if (sd == 1 && sx == 1)
-            for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (; i + CBN_LANES <= n; i += CBN_LANES) {
+                CBN_ROLLED
                 for (int j = 0; j < CBN_LANES; j++) {
                     double g = dy[i + j];
                     acc_dy[j] += g;
                     acc_dy_xmu[j] += g * (x[i + j] - mu);
                 }
+            }
         for (; i < n; i++) {
             double g = dy[i * sd];
             run_dy += g;
