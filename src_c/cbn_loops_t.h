@@ -97,11 +97,10 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
  * CBN_SLP_ONLY: for double, GCC's SLP vectorizer left the sum_dy lanes scalar (16 vaddsd per 16
  * values); the loop vectorizer, given the lane loop rolled (CBN_ROLLED), takes it a vector of lanes
  * at a time, in the same order: the same bits. */
-CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd,
-                                                         const CBN_T *CBN_RESTRICT x, ptrdiff_t sx, ptrdiff_t n,
-                                                         ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa, double mu,
-                                                         cbn_acc *CBN_RESTRICT sum_dy,
-                                                         cbn_acc *CBN_RESTRICT sum_dy_xmu)
+CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd, const CBN_T *CBN_RESTRICT x,
+                                            ptrdiff_t sx, ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa,
+                                            double mu, cbn_acc *CBN_RESTRICT sum_dy,
+                                            cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
     double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = sum_dy->tail, tail_dy_xmu = sum_dy_xmu->tail;
     memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
