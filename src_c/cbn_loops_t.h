@@ -8,8 +8,9 @@
  * constant run gives exactly the shift.
  *
  * "group" loops walk runs of values, a set of parameters per run (row mode);
- * "cols" loops walk rows of channels, a parameter per value (column mode).  Strides are in elements; output arrays may alias input arrays
- * element for element (in-place out=).
+ * "cols" loops walk rows of channels, a parameter per value (column mode).
+ * Strides are in elements; output arrays may alias input arrays element for
+ * element (in-place out=).
  */
 #define CBN_FN(name) CBN_CAT(name, CBN_SUFFIX)
 
@@ -132,38 +133,32 @@ CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdif
 }
 
 /* cbn_grad_run of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = (x - mu_hi) *
- * scale + shift, for contiguous runs: one loop and one read of dy and x instead of two.  dz is
- * stored on the way (oa apart), or not (dz NULL: the dx pass recomputes it).  The same lanes and
- * order as cbn_grad_run on dz: the same bits.  Not CBN_SLP_ONLY: GCC's SLP vectorizer leaves the
- * double instance scalar, branching on the sign of z (on random data 7x the plain sums' time); the
- * loop vectorizer takes the lanes as they are. */
-CBN_INLINE void CBN_FN(cbn_relu_sums_body)(const CBN_T *CBN_RESTRICT dy, const CBN_T *CBN_RESTRICT x,
-                                           CBN_T *CBN_RESTRICT dz, ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da,
-                                           ptrdiff_t xa, ptrdiff_t oa, CBN_T mu_hi, CBN_T scale, CBN_T shift,
-                                           CBN_T low, double mu, cbn_acc *CBN_RESTRICT sum_dy,
-                                           cbn_acc *CBN_RESTRICT sum_dy_xmu)
+ * scale + shift, for contiguous runs: the sums only, dz not stored (the dx pass recomputes it).  The
+ * same lanes and order as cbn_grad_run on dz: the same bits.  Not CBN_SLP_ONLY: GCC's SLP vectorizer
+ * leaves the double instance scalar, branching on the sign of z (on random data 7x the plain sums'
+ * time); the loop vectorizer takes the lanes as they are. */
+CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *CBN_RESTRICT dy, const CBN_T *CBN_RESTRICT x,
+                                                 ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa,
+                                                 CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low, double mu,
+                                                 cbn_acc *CBN_RESTRICT sum_dy, cbn_acc *CBN_RESTRICT sum_dy_xmu)
 {
     double acc_dy[CBN_LANES], acc_dy_xmu[CBN_LANES], tail_dy = sum_dy->tail, tail_dy_xmu = sum_dy_xmu->tail;
     memcpy(acc_dy, sum_dy->lane, sizeof acc_dy);
     memcpy(acc_dy_xmu, sum_dy_xmu->lane, sizeof acc_dy_xmu);
     const CBN_T slope_of[2] = {low, (CBN_T)1};  /* the tail's slope by table, not by a branch */
-    for (ptrdiff_t r = 0; r < runs; r++, dy += da, x += xa, dz = dz != NULL ? dz + oa : NULL) {
+    for (ptrdiff_t r = 0; r < runs; r++, dy += da, x += xa) {
         double run_dy = 0, run_dy_xmu = 0;  /* a run's tail, added to the total as one term */
         ptrdiff_t i = 0;
         for (; i + CBN_LANES <= n; i += CBN_LANES)
             for (int j = 0; j < CBN_LANES; j++) {
                 CBN_T v = x[i + j];
                 CBN_T g = dy[i + j] * CBN_RELU_SLOPE((v - mu_hi) * scale + shift, low);
-                if (dz != NULL)
-                    dz[i + j] = g;
                 acc_dy[j] += g;
                 acc_dy_xmu[j] += g * (v - mu);
             }
         for (; i < n; i++) {
             CBN_T v = x[i];
             CBN_T g = dy[i] * slope_of[(v - mu_hi) * scale + shift > 0];
-            if (dz != NULL)
-                dz[i] = g;
             run_dy += g;
             run_dy_xmu += g * (v - mu);
         }
@@ -174,22 +169,6 @@ CBN_INLINE void CBN_FN(cbn_relu_sums_body)(const CBN_T *CBN_RESTRICT dy, const C
     memcpy(sum_dy_xmu->lane, acc_dy_xmu, sizeof acc_dy_xmu);
     sum_dy->tail = tail_dy;
     sum_dy_xmu->tail = tail_dy_xmu;
-}
-
-CBN_CLONES static void CBN_FN(cbn_relu_grad_run)(const CBN_T *dy, const CBN_T *x, CBN_T *dz, ptrdiff_t n,
-                                                 ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa, ptrdiff_t oa,
-                                                 CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low, double mu,
-                                                 cbn_acc *sum_dy, cbn_acc *sum_dy_xmu)
-{
-    CBN_FN(cbn_relu_sums_body)(dy, x, dz, n, runs, da, xa, oa, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
-}
-
-CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *dy, const CBN_T *x, ptrdiff_t n, ptrdiff_t runs,
-                                                 ptrdiff_t da, ptrdiff_t xa, CBN_T mu_hi, CBN_T scale,
-                                                 CBN_T shift, CBN_T low, double mu, cbn_acc *sum_dy,
-                                                 cbn_acc *sum_dy_xmu)
-{
-    CBN_FN(cbn_relu_sums_body)(dy, x, NULL, n, runs, da, xa, 0, mu_hi, scale, shift, low, mu, sum_dy, sum_dy_xmu);
 }
 
 /* Per-channel work, one loop each that vectorizes (a small call spends much of its time here):
@@ -308,10 +287,10 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad)(const CBN_T *dy, ptrdiff_t da,
 }
 
 /* sum_dy_xmu[c] += sum(dz * (x - mu[c])) and sum_dy[c] += sum(dz), in double, where dz = dy * act'(z)
- * (z recomputed from x; p as for cbn_group_affine) goes to dz run by run and is summed from L1
- * (ReLU's and leaky ReLU's in the same loop, cbn_relu_grad_run); act CBN_IDENTITY: dz is dy itself,
- * and dz and p are not used.  dz NULL: ReLU or leaky ReLU on contiguous runs, the sums only
- * (cbn_group_grad recomputes dz in the dx pass). */
+ * (z recomputed from x; p as for cbn_group_affine) goes to dz run by run and is summed from L1; act
+ * CBN_IDENTITY: dz is dy itself, and dz and p are not used.  dz NULL: ReLU or leaky ReLU on
+ * contiguous runs, the sums only, in one loop (cbn_relu_sums_run; cbn_group_grad recomputes dz in
+ * the dx pass). */
 CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_t da, ptrdiff_t dc, ptrdiff_t sd,
                                                        const CBN_T *x, ptrdiff_t xa, ptrdiff_t xc, ptrdiff_t sx,
                                                        CBN_T *dz, ptrdiff_t oa, ptrdiff_t oc, ptrdiff_t so,
@@ -319,10 +298,10 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
                                                        ptrdiff_t ps, int act, CBN_T slope, const double *mu,
                                                        double *sum_dy, double *sum_dy_xmu)
 {
-    const int contiguous = sd == 1 && sx == 1 && so == 1, relu = act == CBN_RELU || act == CBN_LEAKY_RELU;
+    const int contiguous = sd == 1 && sx == 1 && so == 1;
     const CBN_T low = act == CBN_RELU ? (CBN_T)0 : slope;  /* ReLU's and leaky ReLU's slope below 0 */
-    /* several rows' runs per call where one loop takes a run (the other activations take two) */
-    const ptrdiff_t most = act == CBN_IDENTITY || (relu && contiguous) ? cbn_runs_at_once(n, sizeof(CBN_T)) : 1;
+    /* several rows' runs per call where one loop takes a run (storing dz takes two) */
+    const ptrdiff_t most = act == CBN_IDENTITY || dz == NULL ? cbn_runs_at_once(n, sizeof(CBN_T)) : 1;
     for (ptrdiff_t c0 = 0; c0 < g; c0 += CBN_CHANNELS) {
         const ptrdiff_t w = g - c0 < CBN_CHANNELS ? g - c0 : CBN_CHANNELS;
         cbn_acc acc_dy[CBN_CHANNELS], acc_dy_xmu[CBN_CHANNELS];
@@ -343,11 +322,6 @@ CBN_CLONES static void CBN_FN(cbn_group_act_grad_sums)(const CBN_T *dy, ptrdiff_
                     continue;
                 }
                 CBN_T *v = dz + r * oa + c * oc;
-                if (contiguous && relu) {
-                    CBN_FN(cbn_relu_grad_run)(q, u, v, n, k, da, xa, oa, mu_hi, scale, shift, low, mu[c], a_dy,
-                                              a_dy_xmu);
-                    continue;
-                }
                 if (contiguous)  /* k == 1 from here */
                     CBN_ACT_GRAD_LOOPS(n, act, slope, q[i], (u[i] - mu_hi) * scale + shift, v[i]);
                 else
@@ -417,12 +391,13 @@ CBN_CLONES static void CBN_FN(cbn_group_grad)(const CBN_T *dy, ptrdiff_t da, ptr
         for (ptrdiff_t c = 0; c < g; c++) {
             const CBN_T *q = dy + r * da + c * dc, *u = x + r * xa + c * xc;
             CBN_T *v = dx + r * oa + c * oc;
-            CBN_T mu_hi = p[c], dy_mean = p[ps + c], c_xmu = p[2 * ps + c], k_dy = p[3 * ps + c];
-            if (contiguous)
+            if (contiguous) {
                 CBN_FN(cbn_run_grad_span)(v, q, u, n, p + c, ps, relu, low);
-            else
-                for (ptrdiff_t i = 0; i < n; i++)
-                    v[i * so] = ((q[i * sd] - dy_mean) - (u[i * sx] - mu_hi) * c_xmu) * k_dy;
+                continue;
+            }
+            const CBN_T mu_hi = p[c], dy_mean = p[ps + c], c_xmu = p[2 * ps + c], k_dy = p[3 * ps + c];
+            for (ptrdiff_t i = 0; i < n; i++)
+                v[i * so] = ((q[i * sd] - dy_mean) - (u[i * sx] - mu_hi) * c_xmu) * k_dy;
         }
     }
     if (stream)

@@ -24,6 +24,9 @@
 /* shorter runs are stored directly (their partial lines would be most of them) */
 #define CBN_STREAM_MIN_RUN 512
 
+/* Bytes from address (or byte offset) a to the next line boundary, 0 on one */
+static inline size_t cbn_line_gap(uintptr_t a) { return (size_t)(-a) & (CBN_LINE - 1); }
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(CBN_NO_STREAM)
 #include <immintrin.h>
 #define CBN_HAVE_STREAM 1
@@ -62,7 +65,7 @@ static inline void cbn_stream_copy(void *dst, const void *src, size_t n)
 #if CBN_HAVE_STREAM
     char *d = (char *)dst;
     const char *s = (const char *)src;
-    size_t head = (size_t)(-(uintptr_t)d) & (CBN_LINE - 1);
+    size_t head = cbn_line_gap((uintptr_t)d);
     if (head > n)
         head = n;
     memcpy(d, s, head);
@@ -82,15 +85,12 @@ static inline void cbn_stream_copy(void *dst, const void *src, size_t n)
 }
 
 /* p rounded up to a line boundary (for a buffer of CBN_LINE - 1 bytes more than it needs) */
-static inline void *cbn_line_up(void *p)
-{
-    return (char *)p + ((size_t)(-(uintptr_t)p) & (CBN_LINE - 1));
-}
+static inline void *cbn_line_up(void *p) { return (char *)p + cbn_line_gap((uintptr_t)p); }
 
 /* Values of size t from index `start` to the next line boundary, when index 0 is on one */
 static inline ptrdiff_t cbn_line_rest(ptrdiff_t start, size_t t)
 {
-    return (ptrdiff_t)(((size_t)(-start * (ptrdiff_t)t) & (CBN_LINE - 1)) / t);
+    return (ptrdiff_t)(cbn_line_gap((uintptr_t)start * t) / t);
 }
 
 /* Values of type size t in the chunk of a run that starts at p: up to `bytes` (at most the buffer's
