@@ -24,19 +24,12 @@
 #define CBN_CLONES
 #endif
 
-/* The lane loops are written for the SLP (straight-line) vectorizer.  For
- * double, GCC's loop vectorizer would also vectorize the loop around them,
- * across iterations, into a mess of permutes; the double instances turn it
- * off (CBN_SLP_ONLY).  The float ones vectorize well as they are. */
-#if defined(__GNUC__) && !defined(__clang__)
-#define CBN_NO_LOOP_VECTORIZE __attribute__((optimize("no-tree-loop-vectorize")))
-#else
-#define CBN_NO_LOOP_VECTORIZE
-#endif
-
-/* Before a lane loop (j over CBN_LANES) for the loop vectorizer: kept rolled, GCC vectorizes it a
- * vector of lanes at a time; unrolled first (as it is by default), the vectorizer works across the
- * loop around it instead. */
+/* Before each lane loop (j over CBN_LANES, accumulators per lane): kept rolled, GCC's loop
+ * vectorizer takes it a vector of lanes at a time, each lane's additions in their order.  Unrolled
+ * first (GCC's default for 16 iterations), the loop vectorizer worked across the loop around it,
+ * into a mess of permutes for double; left to the SLP vectorizer alone instead, the double lanes
+ * came out partly scalar (a sum of dy, 16 vaddsd per 16 values; ReLU's sums, with a branch on the
+ * sign of z). */
 #if defined(__GNUC__) && !defined(__clang__)
 #define CBN_ROLLED _Pragma("GCC unroll 1")
 #else
@@ -413,18 +406,14 @@ static inline void cbn_repeat(void *dst, const void *src, ptrdiff_t n, ptrdiff_t
 
 #define CBN_T float
 #define CBN_SUFFIX _f
-#define CBN_SLP_ONLY
 #include "cbn_loops_t.h"
 #undef CBN_T
 #undef CBN_SUFFIX
-#undef CBN_SLP_ONLY
 
 #define CBN_T double
 #define CBN_SUFFIX _d
-#define CBN_SLP_ONLY CBN_NO_LOOP_VECTORIZE
 #include "cbn_loops_t.h"
 #undef CBN_T
 #undef CBN_SUFFIX
-#undef CBN_SLP_ONLY
 
 #endif /* CBN_LOOPS_H */

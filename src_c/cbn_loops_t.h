@@ -25,9 +25,9 @@
 
 /* dev += x - k and sq += (x - k)**2 over `runs` runs of n values (xa apart), in double, as
  * cbn_grad_run */
-CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RESTRICT x, ptrdiff_t n, ptrdiff_t s,
-                                                            ptrdiff_t runs, ptrdiff_t xa, double k,
-                                                            cbn_acc *CBN_RESTRICT dev, cbn_acc *CBN_RESTRICT sq)
+CBN_CLONES static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RESTRICT x, ptrdiff_t n, ptrdiff_t s, ptrdiff_t runs,
+                                               ptrdiff_t xa, double k, cbn_acc *CBN_RESTRICT dev,
+                                               cbn_acc *CBN_RESTRICT sq)
 {
     double acc_dev[CBN_LANES], acc_sq[CBN_LANES];
     double tail_dev = dev->tail, tail_sq = sq->tail;  /* plain scalars: indexing the lanes here would keep them
@@ -38,12 +38,14 @@ CBN_CLONES CBN_SLP_ONLY static void CBN_FN(cbn_shifted_run)(const CBN_T *CBN_RES
         double run_dev = 0, run_sq = 0;  /* a run's tail, added to the total as one term */
         ptrdiff_t i = 0;
         if (s == 1)
-            for (; i + CBN_LANES <= n; i += CBN_LANES)
+            for (; i + CBN_LANES <= n; i += CBN_LANES) {
+                CBN_ROLLED
                 for (int j = 0; j < CBN_LANES; j++) {
                     double d = x[i + j] - k;
                     acc_dev[j] += d;
                     acc_sq[j] += d * d;
                 }
+            }
         for (; i < n; i++) {
             double d = x[i * s] - k;
             run_dev += d;
@@ -94,10 +96,7 @@ CBN_CLONES static void CBN_FN(cbn_group_stats)(const CBN_T *x, ptrdiff_t xa, ptr
 }
 
 /* sum_dy += dy and sum_dy_xmu += dy * (x - mu) over `runs` runs of n values (da and xa apart), one
- * after the other, in double: the accumulators are loaded and stored once for all of them.  Not
- * CBN_SLP_ONLY: for double, GCC's SLP vectorizer left the sum_dy lanes scalar (16 vaddsd per 16
- * values); the loop vectorizer, given the lane loop rolled (CBN_ROLLED), takes it a vector of lanes
- * at a time, in the same order: the same bits. */
+ * after the other, in double: the accumulators are loaded and stored once for all of them */
 CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdiff_t sd, const CBN_T *CBN_RESTRICT x,
                                             ptrdiff_t sx, ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa,
                                             double mu, cbn_acc *CBN_RESTRICT sum_dy,
@@ -134,9 +133,7 @@ CBN_CLONES static void CBN_FN(cbn_grad_run)(const CBN_T *CBN_RESTRICT dy, ptrdif
 
 /* cbn_grad_run of dz = dy * relu'(z) (low = 0) or leaky ReLU's (low = slope), z = (x - mu_hi) *
  * scale + shift, for contiguous runs: the sums only, dz not stored (the dx pass recomputes it).  The
- * same lanes and order as cbn_grad_run on dz: the same bits.  Not CBN_SLP_ONLY: GCC's SLP vectorizer
- * leaves the double instance scalar, branching on the sign of z (on random data 7x the plain sums'
- * time); the loop vectorizer takes the lanes as they are. */
+ * same lanes and order as cbn_grad_run on dz: the same bits. */
 CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *CBN_RESTRICT dy, const CBN_T *CBN_RESTRICT x,
                                                  ptrdiff_t n, ptrdiff_t runs, ptrdiff_t da, ptrdiff_t xa,
                                                  CBN_T mu_hi, CBN_T scale, CBN_T shift, CBN_T low, double mu,
@@ -149,13 +146,15 @@ CBN_CLONES static void CBN_FN(cbn_relu_sums_run)(const CBN_T *CBN_RESTRICT dy, c
     for (ptrdiff_t r = 0; r < runs; r++, dy += da, x += xa) {
         double run_dy = 0, run_dy_xmu = 0;  /* a run's tail, added to the total as one term */
         ptrdiff_t i = 0;
-        for (; i + CBN_LANES <= n; i += CBN_LANES)
+        for (; i + CBN_LANES <= n; i += CBN_LANES) {
+            CBN_ROLLED
             for (int j = 0; j < CBN_LANES; j++) {
                 CBN_T v = x[i + j];
                 CBN_T g = dy[i + j] * CBN_RELU_SLOPE((v - mu_hi) * scale + shift, low);
                 acc_dy[j] += g;
                 acc_dy_xmu[j] += g * (v - mu);
             }
+        }
         for (; i < n; i++) {
             CBN_T v = x[i];
             CBN_T g = dy[i] * slope_of[(v - mu_hi) * scale + shift > 0];
