@@ -13,8 +13,8 @@ machine.  Build the old one from a commit into its own directory first::
 It times the kernels themselves (training forward, inference, backward) on
 (A, C, B) views: B > 1 is row mode (NCHW: A=N, B=H*W), B = 1 column mode (NC,
 NHWC); the installed cbn is "new".  Ratios below 1 mean the new build is faster.
-ACTIVATION (relu, leaky_relu, sigmoid, tanh) fuses that activation into the
-training forward and the backward (inference is timed without it).
+ACTIVATION (relu, leaky_relu, sigmoid, tanh) fuses that activation into all
+three (until 5bf3a43 the inference was timed without it).
 
 ``--new NEW_BUILD`` (anywhere in the arguments) times another build as "new"
 in place of the installed one: two variants of a constant, say, each built
@@ -82,7 +82,7 @@ def compare(variants, shape, dtype, act=0, repeat=9):
     running_mean, running_var = stats[0].copy(), stats[1].copy()
     calls = {
         "train": lambda m: m.forward_train[name](x, y, gamma, beta, 1e-5, stats, act, 0.01),
-        "infer": lambda m: m.inference[name](x, y, running_mean, running_var, gamma, beta, 1e-5, 0, 0.0),
+        "infer": lambda m: m.inference[name](x, y, running_mean, running_var, gamma, beta, 1e-5, act, 0.01),
         "backward": lambda m: m.backward[name](dy, x, y, params, sums, act, 0.01),
     }
     number = max(3, 1_000_000 // x.size)
