@@ -175,7 +175,8 @@ enum { CBN_IDENTITY = 0, CBN_RELU = 1, CBN_LEAKY_RELU = 2, CBN_SIGMOID = 3, CBN_
  * the exponent bits (k is read from the low bits of x / ln2 + 1.5 * 2^p).
  * Arguments are clamped to where the result is a normal number; sigmoid built
  * on it is within 4 ulp and tanh within 2 ulp of 1 over [-87, 88] and [-708,
- * 709] (tests/test_activations.py; 3.2 and 1.7 measured in float32). */
+ * 709] (tests/test_activations.py; 3.2 and 1.7 measured in float32, 2.8 and
+ * 1.6 in float64). */
 CBN_INLINE float cbn_exp_f(float x)
 {
     x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
@@ -202,9 +203,13 @@ CBN_INLINE double cbn_exp_d(double x)
     double t = x * 1.4426950408889634 + 6755399441055744.0;
     double k = t - 6755399441055744.0;
     double r = (x - k * 6.93147180369123816490e-01) - k * 1.90821492927058770002e-10;
-    double p = 1.0 + r * (1.0 + r * (1.0 / 2 + r * (1.0 / 6 + r * (1.0 / 24 + r * (1.0 / 120 + r * (1.0 / 720
-               + r * (1.0 / 5040 + r * (1.0 / 40320 + r * (1.0 / 362880 + r * (1.0 / 3628800
-               + r * (1.0 / 39916800 + r * (1.0 / 479001600))))))))))));
+    /* Estrin's scheme as in cbn_exp_f: 25 operations in a chain of 10, against Horner's 24 in a
+     * chain of 24 (sigmoid and tanh: 0.88-0.95 of the time, AMD Zen 4) */
+    double r2 = r * r, r4 = r2 * r2;
+    double a = (1.0 / 2 + r * (1.0 / 6)) + r2 * (1.0 / 24 + r * (1.0 / 120));
+    double b = (1.0 / 720 + r * (1.0 / 5040)) + r2 * (1.0 / 40320 + r * (1.0 / 362880));
+    double c = (1.0 / 3628800 + r * (1.0 / 39916800)) + r2 * (1.0 / 479001600);
+    double p = 1.0 + (r + r2 * (a + r4 * (b + r4 * c)));
     int64_t bits;
     memcpy(&bits, &t, sizeof bits);
     bits = (int64_t)((uint64_t)(bits + 1023) << 52);
