@@ -14,7 +14,7 @@ It times the kernels themselves (training forward, inference, backward) on
 (A, C, B) views: B > 1 is row mode (NCHW: A=N, B=H*W), B = 1 column mode (NC,
 NHWC); the installed cbn is "new".  Ratios below 1 mean the new build is faster.
 ACTIVATION (relu, leaky_relu, sigmoid, tanh) fuses that activation into all
-three (until 5bf3a43 the inference was timed without it).
+three (until 8b840ee the inference was timed without it).
 
 ``--new NEW_BUILD`` (anywhere in the arguments) times another build as "new"
 in place of the installed one: two variants of a constant, say, each built
