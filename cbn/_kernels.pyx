@@ -284,6 +284,13 @@ cdef Grid shape_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsi
     if g.C * itemsize <= ROW_TILE_BYTES and g.A >= 8 * MIN_TILE_VALUES:
         g.tc = g.C
     g.tr = clamp(g.A, chunk // min(g.tc, chunk // MIN_TILE_VALUES))
+    if g.C * itemsize <= ROW_TILE_BYTES and g.tc < g.C and g.A >= 8 * (MIN_TILE_VALUES // 2):
+        # rows that were to be cut into pieces a row apart, which the prefetchers do not follow,
+        # but enough of them for 8 tiles of at least half MIN_TILE_VALUES rows: 8 tiles of whole
+        # rows (AMD Zen 4, 1024 to 2047 rows of 300 to 4096 values: 0.71-0.97 of the time in
+        # float32, 0.58-0.98 in float64)
+        g.tc = g.C
+        g.tr = (g.A + 7) // 8
     g.nr = (g.A + g.tr - 1) // g.tr
     g.nc = (g.C + g.tc - 1) // g.tc
     g.tasks = g.nr * g.nc if g.columns else g.na * g.nct * g.nb

@@ -325,6 +325,7 @@ THREAD_CASES = [
     # column mode, tiles of whole rows wider than the column sums' blocks (CBN_COLS), 4 KiB apart or more:
     # the sums take CBN_ROWS rows at a time, and the last tile's 55 rows leave 3 over
     ((2103, 1100), 1),
+    ((1100, 300), 1),  # column mode, 1024 to 2047 rows too wide for channel tiles: 8 tiles of whole rows
     ((5, 300, 70, 3), 2),  # row mode, runs of 3 values
 ]
 
