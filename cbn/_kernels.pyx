@@ -278,19 +278,19 @@ cdef Grid shape_grid(Py_ssize_t A, Py_ssize_t C, Py_ssize_t B, Py_ssize_t itemsi
     g.na = (g.A + g.ta - 1) // g.ta
     g.nct = (g.C + g.tct - 1) // g.tct
     g.nb = (g.B + g.tb - 1) // g.tb
-    # column mode: tiles of tr rows by tc channels, whole rows (contiguous
-    # memory) when rows are narrow enough and that leaves 8 tiles or more
+    # column mode: tiles of tr rows by tc channels.  Rows wider than a tile's
+    # channels are kept whole (contiguous memory; pieces a row apart defeat
+    # the prefetchers) when they are narrow enough and there are enough of
+    # them for 8 tiles of MIN_TILE_VALUES // 2 rows or more: tiles of
+    # MIN_TILE_VALUES rows, fewer where that would leave under 8 (AMD Zen 4,
+    # 1024 to 2047 rows of 300 to 4096 values: 0.71-0.97 of the time that
+    # channel pieces took in float32, 0.58-0.98 in float64)
     g.tc = clamp(g.C, chunk // MIN_TILE_VALUES)
-    if g.C * itemsize <= ROW_TILE_BYTES and g.A >= 8 * MIN_TILE_VALUES:
+    if g.tc < g.C and g.C * itemsize <= ROW_TILE_BYTES and g.A >= 8 * (MIN_TILE_VALUES // 2):
         g.tc = g.C
     g.tr = clamp(g.A, chunk // min(g.tc, chunk // MIN_TILE_VALUES))
-    if g.C * itemsize <= ROW_TILE_BYTES and g.tc < g.C and g.A >= 8 * (MIN_TILE_VALUES // 2):
-        # rows that were to be cut into pieces a row apart, which the prefetchers do not follow,
-        # but enough of them for 8 tiles of at least half MIN_TILE_VALUES rows: 8 tiles of whole
-        # rows (AMD Zen 4, 1024 to 2047 rows of 300 to 4096 values: 0.71-0.97 of the time in
-        # float32, 0.58-0.98 in float64)
-        g.tc = g.C
-        g.tr = (g.A + 7) // 8
+    if g.tc == g.C > chunk // MIN_TILE_VALUES:
+        g.tr = min(g.tr, (g.A + 7) // 8)
     g.nr = (g.A + g.tr - 1) // g.tr
     g.nc = (g.C + g.tc - 1) // g.tc
     g.tasks = g.nr * g.nc if g.columns else g.na * g.nct * g.nb
