@@ -84,3 +84,20 @@ def unaligned(a, empty):
     view[...] = a
     assert view.data.ptr % 16 != 0 and view.flags.c_contiguous
     return view
+
+
+# the arguments over which cbn's exponential gives a normal number, per dtype
+EXP_RANGE = {np.float32: (-87, 88), np.float64: (-708, 709)}
+
+
+def exp_activation_errors(run, dtype):
+    """Errors of sigmoid and tanh over EXP_RANGE, densely sampled, against long double:
+    (sigmoid's largest and mean error in ulp of itself, tanh's largest error in ulp of 1).
+    run(z, activation) gives the activation of the pre-activation z itself."""
+    low, high = EXP_RANGE[np.dtype(dtype).type]
+    z = np.concatenate([np.linspace(low, high, 400_001), np.linspace(-1, 1, 100_001)]).astype(dtype)
+    exact = z.astype(np.longdouble)
+    want = 1 / (1 + np.exp(-exact))
+    ulps = np.abs(run(z, "sigmoid") - want) / np.spacing(want.astype(dtype))
+    tanh = np.abs(run(z, "tanh") - np.tanh(exact)).max() / np.finfo(dtype).eps
+    return float(ulps.max()), float(ulps.mean()), float(tanh)

@@ -1,7 +1,7 @@
 """Fused activations: forward, gradient through them, against the reference and finite differences."""
 import numpy as np
 import pytest
-from helpers import assert_close, make_layout, numerical_gradient, random_array
+from helpers import assert_close, exp_activation_errors, make_layout, numerical_gradient, random_array
 
 import cbn
 from cbn import reference
@@ -141,19 +141,15 @@ def test_non_finite_dy_where_the_activation_is_flat(shape, axis, activation):
     assert np.isnan(np.take(got[0], 1, axis=axis)).any()
 
 
-@pytest.mark.parametrize("dtype, low, high", [(np.float32, -87, 88), (np.float64, -708, 709)])
-def test_sigmoid_and_tanh_accuracy_over_the_exponential_range(dtype, low, high):
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sigmoid_and_tanh_accuracy_over_the_exponential_range(dtype):
     """cbn's own exponential (src_c/cbn_loops.h), sampled densely over the range where its result is
     a normal number: sigmoid within 4 ulp of itself, tanh within 2 ulp of 1 (it is 1 - 2 / (exp(2 z) + 1))."""
     if dtype == np.float64 and np.finfo(np.longdouble).eps >= np.finfo(np.float64).eps:
         pytest.skip("no extended precision for a float64 reference")
-    z = np.concatenate([np.linspace(low, high, 400_001), np.linspace(-1, 1, 100_001)]).astype(dtype)
     eps = 2.0**-10  # running_var + eps is exactly 1: the pre-activation is z itself
     kw = dict(running_mean=np.zeros(1), running_var=np.array([1 - eps]), eps=eps, training=False)
-    exact = z.astype(np.longdouble)
-    sigmoid = cbn.batch_norm(z[:, None], activation="sigmoid", **kw)[:, 0]
-    want = 1 / (1 + np.exp(-exact))
-    ulps = np.abs(sigmoid - want) / np.spacing(want.astype(dtype))
-    assert ulps.max() <= 4
-    tanh = cbn.batch_norm(z[:, None], activation="tanh", **kw)[:, 0]
-    assert np.abs(tanh - np.tanh(exact)).max() <= 2 * np.finfo(dtype).eps
+    sigmoid_max, _, tanh_max = exp_activation_errors(
+        lambda z, act: cbn.batch_norm(z[:, None], activation=act, **kw)[:, 0], dtype)
+    assert sigmoid_max <= 4
+    assert tanh_max <= 2
